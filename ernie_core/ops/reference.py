@@ -1,0 +1,144 @@
+"""Pure-PyTorch references for every op: the oracle for the kernels and the fallback backend.
+
+Shapes follow the op front doors (see docs/dev/CONTRACTS.md). Math is done in fp32 and cast back,
+which is what the kernels do too.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def startend_row_indices_to_mask(idx: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    """Dense "may attend" mask from FlashMask start/end row indices (ernie_reference §5.3).
+
+    idx: int [B, Hm, S, n] with n in {1, 2, 4}; column j's entries bound the masked rows.
+    Returns bool [B, Hm, S, S] indexed [b, h, row i, col j]; True = row i may attend column j.
+    """
+    B, Hm, S, n = idx.shape
+    rows = torch.arange(S, device=idx.device).view(1, 1, S, 1)
+    cols = torch.arange(S, device=idx.device).view(1, 1, 1, S)
+    col_idx = idx.to(torch.int64).transpose(2, 3)  # [B, Hm, n, S]: per column j
+    lower = rows >= cols  # lower triangle, diagonal included
+    upper = ~lower
+
+    def bound(k):
+        return col_idx[:, :, k, :].unsqueeze(2)  # [B, Hm, 1, S], broadcast over rows
+
+    if causal:
+        if n == 1:
+            masked_lower = rows >= bound(0)
+        elif n == 2:
+            masked_lower = (rows >= bound(0)) & (rows < bound(1))
+        else:
+            raise ValueError(f"causal FlashMask takes 1 or 2 indices per column, got {n}")
+        return lower & ~masked_lower
+    if n == 2:  # LTS, UTE
+        masked = (lower & (rows >= bound(0))) | (upper & (rows < bound(1)))
+    elif n == 4:  # LTS, LTE, UTS, UTE
+        masked = (lower & (rows >= bound(0)) & (rows < bound(1))) | (
+            upper & (rows >= bound(2)) & (rows < bound(3))
+        )
+    else:
+        raise ValueError(f"bidirectional FlashMask takes 2 or 4 indices per column, got {n}")
+    return ~masked
+
+
+def flashmask_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    startend_row_indices: torch.Tensor | None,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    dropout_p: float = 0.0,
+    return_lse: bool = False,
+):
+    """Attention with a FlashMask mask, materialising the [S, S] scores (reference only).
+
+    q [B, S, Hq, D], k/v [B, S, Hkv, D] (Hq a multiple of Hkv); indices [B, 1|Hkv, S, n] or None
+    (plain causal / full attention). Returns out [B, S, Hq, D] in q's dtype (and lse [B, Hq, S] fp32).
+    Rows that may attend nothing give 0, not NaN.
+    """
+    B, S, Hq, D = q.shape
+    Hkv = k.shape[2]
+    if Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    group = Hq // Hkv
+    qf = q.float().transpose(1, 2)  # [B, Hq, S, D]
+    kf = k.float().transpose(1, 2).repeat_interleave(group, dim=1)
+    vf = v.float().transpose(1, 2).repeat_interleave(group, dim=1)
+    scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # [B, Hq, S, S]
+    if startend_row_indices is None:
+        allowed = torch.ones(S, S, dtype=torch.bool, device=q.device)
+        if causal:
+            allowed = torch.tril(allowed)
+        allowed = allowed.view(1, 1, S, S)
+    else:
+        allowed = startend_row_indices_to_mask(startend_row_indices, causal)
+        if allowed.shape[1] != 1:  # one mask per kv head -> per query head
+            allowed = allowed.repeat_interleave(Hq // allowed.shape[1], dim=1)
+    # A finite fill keeps fully masked rows NaN-free in forward and backward; multiplying by the
+    # mask afterwards zeroes those rows (softmax over them would be uniform).
+    scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
+    probs = torch.softmax(scores, dim=-1) * allowed
+    any_allowed = allowed.any(dim=-1)
+    lse = torch.where(any_allowed, torch.logsumexp(scores, dim=-1), torch.full_like(scores[..., 0], float("-inf")))
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p, training=True)
+    out = torch.matmul(probs, vf).transpose(1, 2).to(q.dtype)
+    return (out, lse) if return_lse else out
+
+
+def rope_reference(
+    q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, theta: float = 500000.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Interleaved-pair rotary embedding (pairs (2i, 2i+1)), fp32 math (ernie_reference §1.1).
+
+    q [B, S, Hq, D], k [B, S, Hkv, D], position_ids [B, S]. Returns rotated (q, k) in their dtypes.
+    """
+    return rope_reference_one(q, position_ids, theta), rope_reference_one(k, position_ids, theta)
+
+
+def rope_angles(position_ids: torch.Tensor, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, S, 1, D/2] for interleaved RoPE with angle pos * theta^(-2i/dim)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=position_ids.device, dtype=torch.float32) / dim))
+    angles = position_ids.to(torch.float32).unsqueeze(-1) * inv_freq  # [B, S, D/2]
+    return angles.cos().unsqueeze(2), angles.sin().unsqueeze(2)
+
+
+def rope_reference_one(x: torch.Tensor, position_ids: torch.Tensor, theta: float = 500000.0, inverse: bool = False):
+    cos, sin = rope_angles(position_ids, x.shape[-1], theta)
+    if inverse:
+        sin = -sin
+    xf = x.float()
+    x1, x2 = xf[..., 0::2], xf[..., 1::2]
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    return out.to(x.dtype)
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """fp32 mean(x^2), x * rsqrt(mean + eps), cast back, times weight (HF Ernie 4.5 order)."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * y.to(x.dtype)
+
+
+def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up."""
+    return F.silu(gate) * up
+
+
+def fused_head_ce_reference(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LM head + cross-entropy, materialising the logits (reference only).
+
+    hidden [N, H], weight [V, H], labels [N]. Returns (sum of fp32 CE over labelled tokens, token count).
+    """
+    logits = torch.matmul(hidden, weight.t()).float()
+    loss_sum = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+    return loss_sum, (labels != ignore_index).sum()
