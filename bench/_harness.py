@@ -1,0 +1,125 @@
+"""Tiny benchmark harness shared by every script in bench/.
+
+`measure(fn)` times a callable (median / p20 / p80 over repeats, after warm-up) and reports the
+peak memory it allocated: CUDA peak for GPU work, else the growth of the process's peak RSS
+measured in a fresh child process when `isolate=True` (RSS peaks never go down in-process).
+`write_results(name, rows)` prints a table and writes JSON to bench/results/ with the hostname
+and date in the file name.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import resource
+import socket
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far, MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def current_rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def measure(fn: Callable[[], object], warmup: int = 1, repeats: int = 5, device: str = "cpu") -> dict:
+    """Run fn warmup + repeats times; return times (s) and peak memory (MiB) of one call."""
+    for _ in range(warmup):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    row = {
+        "median_s": statistics.median(times),
+        "p20_s": times[int(0.2 * (len(times) - 1))],
+        "p80_s": times[int(round(0.8 * (len(times) - 1)))],
+        "repeats": repeats,
+    }
+    if device == "cuda":
+        row["peak_mem_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return row
+
+
+def measure_peak_cpu_memory(fn: Callable[[], object]) -> float:
+    """Extra peak memory (MiB) that one call of fn needs on CPU, measured in a forked child so the
+    parent's high-water mark does not hide it."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+
+    def child():
+        base = current_rss_mib()
+        fn()
+        queue.put(peak_rss_mib() - base)
+
+    proc = ctx.Process(target=child)
+    proc.start()
+    value = queue.get()
+    proc.join()
+    return float(value)
+
+
+def environment() -> dict:
+    env = {
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+    }
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def print_table(rows: list[dict], columns: list[str] | None = None) -> None:
+    if not rows:
+        return
+    columns = columns or list(rows[0].keys())
+
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    widths = [max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in columns]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        print("  ".join(fmt(r.get(c, "")).ljust(w) for c, w in zip(columns, widths)))
+
+
+def write_results(name: str, rows: list[dict], columns: list[str] | None = None, extra: dict | None = None) -> Path:
+    """Print the table and write bench/results/<name>-<host>-<date>.json."""
+    print_table(rows, columns)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = RESULTS_DIR / f"{name}-{env['host']}-{stamp}.json"
+    path.write_text(json.dumps({"benchmark": name, "env": env, "rows": rows, **(extra or {})}, indent=2))
+    print(f"wrote {path}")
+    return path
