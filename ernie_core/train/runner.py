@@ -7,11 +7,14 @@ from ..errors import UserError
 def run_training(cfg) -> dict:
     stage = str(cfg.basic.stage).upper()
     if stage == "SFT":
-        from .trainer import SFTTrainer
+        from .sft import SFTObjective
 
-        trainer = SFTTrainer(cfg)
+        objective = SFTObjective()
     else:
         raise UserError(f"not supported yet: stage={cfg.basic.stage}")
+    from .trainer import Trainer
+
+    trainer = Trainer(cfg, objective)
     trainer.setup()
     state = trainer.train()
     if trainer.is_main:

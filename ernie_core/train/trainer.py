@@ -1,4 +1,4 @@
-"""The SFT recipe: set up (seed, tokenizer, data, model, optimizer, resume), then one loop whose
+"""The training recipe: set up (seed, tokenizer, data, model, optimizer, resume), then one loop whose
 body is a handful of named steps (loss_step, optimizer_step, log, maybe_evaluate, maybe_save)."""
 from __future__ import annotations
 
@@ -48,11 +48,12 @@ def dropout_rates(step: int, hidden_p: float, attn_p: float, warmup: int) -> tup
     return hidden_p * ramp, attn_p * ramp
 
 
-class SFTTrainer:
-    """Single-process SFT. Parallel layouts wrap the same steps (ernie_core/parallel)."""
+class Trainer:
+    """Runs one objective (SFT, DPO) on one process; parallel layouts wrap the same steps (ernie_core/parallel)."""
 
-    def __init__(self, cfg, *, rank: int = 0, world_size: int = 1):
+    def __init__(self, cfg, objective, *, rank: int = 0, world_size: int = 1):
         self.cfg = cfg
+        self.objective = objective  # what is trained: data + loss (sft.SFTObjective, dpo.DPOObjective)
         self.rank, self.world_size = rank, world_size
         self.is_main = rank == 0
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -80,18 +81,19 @@ class SFTTrainer:
         return ckpt.latest_checkpoint(self.output_dir)
 
     def setup_tokenizer_and_data(self) -> None:
-        from ..data import build_eval_batches, build_train_stream, estimate_max_steps, load_tokenizer, validate_datasets
+        from ..data import load_tokenizer
 
-        cfg = self.cfg
+        cfg, obj = self.cfg, self.objective
         self.tokenizer = load_tokenizer(cfg.basic.model_name_or_path)
-        validate_datasets(cfg, self.tokenizer)  # every bad line stops the run here, before training
-        self.stream = build_train_stream(cfg, self.tokenizer, dp_rank=self.rank, dp_world=self.world_size)
-        self.eval_batches = build_eval_batches(cfg, self.tokenizer) if cfg.basic.do_eval else []
-        self.max_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else estimate_max_steps(cfg, self.tokenizer)
-        epochs = max(1, int(math.ceil(cfg.train.num_train_epochs)))
-        self.steps_per_epoch = max(1, self.max_steps // epochs) if cfg.train.max_steps <= 0 else None
-        if self.steps_per_epoch is None:
-            self.steps_per_epoch = max(1, estimate_max_steps(_with_epochs(cfg, 1), self.tokenizer))
+        obj.validate(cfg, self.tokenizer)  # every bad line stops the run here, before training
+        self.stream = obj.build_stream(cfg, self.tokenizer, dp_rank=self.rank, dp_world=self.world_size)
+        self.eval_batches = obj.build_eval_batches(cfg, self.tokenizer) if cfg.basic.do_eval else []
+        if cfg.train.max_steps > 0:
+            self.max_steps = cfg.train.max_steps
+            self.steps_per_epoch = max(1, obj.estimate_max_steps(_with_epochs(cfg, 1), self.tokenizer))
+        else:
+            self.max_steps = obj.estimate_max_steps(cfg, self.tokenizer)
+            self.steps_per_epoch = max(1, self.max_steps // max(1, int(math.ceil(cfg.train.num_train_epochs))))
 
     def setup_model(self) -> None:
         from ..models import Ernie4_5Config, Ernie4_5ForCausalLM
@@ -146,24 +148,24 @@ class SFTTrainer:
     def to_device(self, batch: dict) -> dict:
         return {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
-    def forward_loss(self, batch: dict) -> torch.Tensor:
+    def forward_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         with self.autocast():
-            out = self.model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"),
-                             attn_mask_startend_row_indices=batch.get("attn_mask_startend_row_indices"),
-                             labels=batch["labels"])
-        return out.loss
+            return self.objective.loss(self.model, batch)
 
-    def loss_step(self) -> tuple[float, int]:
-        """Forward + backward over gradient_accumulation_steps micro-batches; mean of their losses."""
+    def loss_step(self) -> tuple[float, int, dict]:
+        """Forward + backward over gradient_accumulation_steps micro-batches; mean of their losses
+        (and of the objective's metrics)."""
         accum = self.cfg.train.gradient_accumulation_steps
-        total, tokens = 0.0, 0
+        total, tokens, metrics = 0.0, 0, {}
         for _ in range(accum):
             batch = self.to_device(next(self.stream))
-            loss = self.forward_loss(batch)
+            loss, extra = self.forward_loss(batch)
             (loss / accum).backward()
             total += loss.item() / accum
             tokens += int(batch["num_tokens"])
-        return total, tokens
+            for k, v in extra.items():
+                metrics[k] = metrics.get(k, 0.0) + float(v) / accum
+        return total, tokens, metrics
 
     def optimizer_step(self) -> float:
         max_norm = self.cfg.train.max_grad_norm
@@ -193,7 +195,7 @@ class SFTTrainer:
             n = int((batch["labels"] != -100).sum())
             if n == 0:
                 continue
-            loss_sum += float(self.forward_loss(batch)) * n
+            loss_sum += float(self.forward_loss(batch)[0]) * n
             count += n
         self.model.train()
         if count == 0:
@@ -221,17 +223,20 @@ class SFTTrainer:
                                              cfg.basic.attention_probs_dropout_prob, cfg.basic.dropout_warmup_steps)
             self.model.set_dropout(hidden_p, attn_p)
             lr = self.current_lr(self.global_step)
-            loss, tokens = self.loss_step()
+            loss, tokens, metrics = self.loss_step()
             grad_norm = self.optimizer_step()
             self.global_step += 1
+            self.objective.on_step_end(self)
             window["loss"] += loss
+            for k, v in metrics.items():
+                window.setdefault("metrics", {})[k] = window.get("metrics", {}).get(k, 0.0) + v
             window["steps"] += 1
             window["tokens"] += tokens
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
             if self.global_step % cfg.basic.logging_steps == 0 or self.global_step == self.max_steps:
                 self.log(window, lr, grad_norm)
-                window.update(loss=0.0, steps=0, tokens=0, t0=time.perf_counter())
+                window.update(loss=0.0, steps=0, tokens=0, t0=time.perf_counter(), metrics={})
             self.maybe_evaluate()
             self.maybe_save()
         bar.close()
@@ -251,6 +256,8 @@ class SFTTrainer:
             "epoch": self.global_step / self.steps_per_epoch,
             "packing_efficiency": self.stream.packing_efficiency,
         }
+        for k, v in window.get("metrics", {}).items():
+            record[k] = v / max(1, window["steps"])
         self.logger.log(record)
 
     def _due(self, strategy: str, every: int) -> bool:
@@ -282,7 +289,8 @@ class SFTTrainer:
         cfg = self.cfg
         skip_opt = cfg.checkpoint.ignore_save_lr_and_optim
         state = dict(self.state)
-        state["window"] = {k: self.state["window"][k] for k in ("loss", "steps")} if "window" in self.state else None
+        state["window"] = ({k: self.state["window"].get(k) for k in ("loss", "steps", "metrics")}
+                           if "window" in self.state else None)
         trainer_state = {"global_step": self.global_step, "max_steps": self.max_steps, "state": state}
 
         def write(tmp: Path) -> None:
