@@ -12,8 +12,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ernie_core.config import (KEY_SECTION, TrainConfig, config_to_yaml, iter_options, load_config,
-                               unsupported_options)
+from ernie_core.config import (KEY_SECTION, TrainConfig, config_from_dict, config_to_yaml, iter_options,
+                               load_config, unsupported_options)
 from ernie_core.config import docs
 from ernie_core.config.support import is_unsupported
 from ernie_core.errors import ConfigError, UserError
@@ -146,6 +146,13 @@ def test_nested_form_and_aliases(tmp_path):
     assert cfg.train.learning_rate == 2e-5 and cfg.lora.lora_rank == 16
     assert cfg.train.per_device_train_batch_size == 4 and cfg.eval.per_device_eval_batch_size == 4
     assert cfg.accel.use_attn_mask_start_row_indices is False
+
+
+def test_config_from_dict():
+    cfg = config_from_dict({"max_steps": 10, "fine_tuning": "Full", "train": {"learning_rate": "1e-5"}})
+    assert cfg == load_config(None, ["max_steps=10", "fine_tuning=Full", "learning_rate=1e-5"])
+    with pytest.raises(ConfigError, match="config section 'train' must be a mapping"):
+        config_from_dict({"train": 5})
 
 
 @settings(max_examples=30, deadline=None)
@@ -355,3 +362,13 @@ def test_unsupported_follows_implemented_metadata():
     assert is_unsupported("lora", True) and not is_unsupported("lora", False)
     assert not is_unsupported("recompute", True)
     assert not is_unsupported("compute_type", "fp32") and is_unsupported("compute_type", "fp16")
+
+
+def test_unsupported_options_of_erniekit_configs():
+    sft = unsupported_options(load_config(FIXTURES / "erniekit_0.3b_sft_8k.yaml", []))
+    assert {"fuse_rope", "fp16_opt_level", "sharding", "use_sparse_head_and_loss_fn"} <= set(sft)
+    assert not {"pipeline_parallel_config", "lora", "stage", "compute_type", "recompute_use_reentrant"} & set(sft)
+    dpo = unsupported_options(load_config(FIXTURES / "erniekit_0.3b_dpo_lora_8k.yaml", []))
+    assert {"stage", "lora", "lora_rank", "rslora"} <= set(dpo)
+    # tensor/pipeline/sharding options are inert at degree 1, distributed_dataloader without TP/PP
+    assert not {"tensor_parallel_config", "sharding", "use_sp_callback", "distributed_dataloader"} & set(dpo)

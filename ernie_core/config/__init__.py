@@ -5,8 +5,7 @@
     cfg.train.learning_rate, cfg.lora.scaling()
 """
 from .dump import config_to_yaml
-from .loader import build_config, load_config
-from .resolve import resolve
+from .loader import config_from_dict, load_config
 from .sections_algo import DpoSection, Fp8Section, LoraSection
 from .sections_perf import AccelSection, DistSection, MemorySection, MoeSection, PrecisionSection
 from .sections_run import BasicSection, CheckpointSection, EvalSection, SftSection, TrainSection
@@ -14,7 +13,7 @@ from .support import unsupported_options
 from .train_config import ALIASES, KEY_SECTION, TrainConfig, iter_options
 
 __all__ = [
-    "TrainConfig", "load_config", "config_to_yaml", "unsupported_options", "build_config", "resolve",
+    "TrainConfig", "load_config", "config_from_dict", "config_to_yaml", "unsupported_options",
     "iter_options", "KEY_SECTION", "ALIASES",
     "BasicSection", "EvalSection", "TrainSection", "DistSection", "MemorySection", "CheckpointSection",
     "AccelSection", "PrecisionSection", "SftSection", "LoraSection", "DpoSection", "Fp8Section", "MoeSection",

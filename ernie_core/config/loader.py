@@ -28,6 +28,14 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     return cfg
 
 
+def config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    """Like load_config for an in-memory mapping (flat or nested keys, Python or YAML-style values)."""
+    merged = _flatten(values, "config")
+    cfg = build_config(merged)
+    resolve(cfg, explicit=set(merged))
+    return cfg
+
+
 def build_config(values: dict[str, Any]) -> TrainConfig:
     """A TrainConfig from canonical flat keys (coerced and checked, not yet resolved)."""
     per_section: dict[str, dict[str, Any]] = {name: {} for name in SECTION_CLASSES}
@@ -115,6 +123,8 @@ def _flatten(data: dict, source: str) -> dict[str, Any]:
         if key in SECTION_CLASSES and isinstance(value, dict):  # `lora:` is a key and a section
             for sub_key, sub_value in value.items():
                 _put(out, raw_keys, sub_key, sub_value, source, section=key)
+        elif key in SECTION_CLASSES and key not in KEY_SECTION:
+            raise ConfigError(f"{source}: config section '{key}' must be a mapping of keys, got {show(value)}")
         else:
             _put(out, raw_keys, key, value, source)
     return out

@@ -47,6 +47,7 @@ ACTIVE_WHEN: dict[str, Callable[[TrainConfig], bool]] = {
     "tensor_parallel_config": _tp, "tensor_parallel_output": _tp, "sequence_parallel": _tp,
     "use_sp_callback": _tp,
     "sharding": _sharded, "sharding_parallel_config": _sharded,
+    "distributed_dataloader": lambda c: _tp(c) or _pp(c),  # one reader per model-parallel group
     "no_recompute_layers": _recompute, "offload_recompute_inputs": _recompute, "use_recompute_moe": _recompute,
     "refined_recompute": lambda c: _recompute(c) and _pp(c),
     "loss_subbatch_seqlen": _fused_head, "use_recompute_loss_fn": _fused_head,
