@@ -122,6 +122,10 @@ class EvalSection:
     max_evaluate_steps: int = option(
         -1, "At most this many eval batches per evaluation; <= 0 evaluates the whole eval set "
         "(the table says 1; the code default is -1).")
+    eval_generate_samples: int = option(
+        0, "ernie_core only: after training, greedily generate answers for this many eval prompts and "
+        "report their exact-match accuracy next to eval loss before/after (0 = off; meant for small "
+        "models: generation re-runs the whole prefix per token).", ge=0, implemented=True)
     eval_accumulation_steps: Optional[int] = option(
         None, "Accepted for ERNIEKit compatibility; evaluation here only accumulates the loss, so it has no effect.",
         ge=1)
