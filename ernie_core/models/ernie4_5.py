@@ -139,7 +139,8 @@ def build_attention_inputs(mode: str, input_ids: torch.Tensor, position_ids, ind
 def attend(q, k, v, inputs: AttentionInputs, dropout_p: float) -> torch.Tensor:
     """Causal GQA attention, q [B,S,Hq,D], k/v [B,S,Hkv,D] -> [B,S,Hq,D]; scale 1/sqrt(D)."""
     if inputs.mode == "flashmask":
-        return flashmask_attention(q, k, v, inputs.indices, causal=True, dropout_p=dropout_p)
+        with _no_autocast(q.device.type):  # the op chooses its own precision (fp32 softmax)
+            return flashmask_attention(q, k, v, inputs.indices, causal=True, dropout_p=dropout_p)
     Hq, Hkv = q.shape[2], k.shape[2]
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, D]
     if inputs.mode == "sdpa":
@@ -344,9 +345,10 @@ class Ernie4_5ForCausalLM(nn.Module):
             if rt.use_fused_head_and_loss_fn:
                 w = self.lm_head.weight
                 dtype = _autocast_dtype(h.device.type)
-                if dtype is not None:  # custom ops are not autocast-aware: cast as a matmul would
+                if dtype is not None:  # the op is not autocast-aware: cast as the head matmul would
                     h, w = h.to(dtype), w.to(dtype)
-                loss_sum, n = fused_head_ce(h, w, y, IGNORE_INDEX)
+                with _no_autocast(h.device.type):
+                    loss_sum, n = fused_head_ce(h, w, y, IGNORE_INDEX)
             else:
                 loss_sum = F.cross_entropy(self.lm_head(h).float(), y, ignore_index=IGNORE_INDEX, reduction="sum")
                 n = (y != IGNORE_INDEX).sum()
@@ -402,14 +404,21 @@ class Ernie4_5ForCausalLM(nn.Module):
 
         return load_pretrained(path, dtype=dtype, **runtime)
 
-    def save_pretrained(self, path, max_shard_size="5GB"):
+    def save_pretrained(self, path, max_shard_size="5GB", dtype=None):
+        """HF checkpoint dir (config.json, shards + index), written atomically; dtype None = as is."""
         from .io import save_pretrained
 
-        return save_pretrained(self, path, max_shard_size=max_shard_size)
+        return save_pretrained(self, path, max_shard_size=max_shard_size, dtype=dtype)
 
 
 def _on_meta(module: nn.Module) -> bool:
     return any(p.is_meta for p in module.parameters())
+
+
+def _no_autocast(device_type: str):
+    """Custom ops get their inputs in the dtypes given and do their own fp32 math; autocast must not
+    recast the matmuls inside a reference implementation."""
+    return torch.autocast(device_type, enabled=False)
 
 
 def _autocast_dtype(device_type: str):
