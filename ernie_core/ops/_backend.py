@@ -66,16 +66,26 @@ def forced_backend() -> str | None:
     return value
 
 
-def choose_backend(op: str, *tensors: torch.Tensor) -> str:
-    """The backend that runs `op` on these tensors now."""
+def supports(op: str, backend: str, *tensors: torch.Tensor) -> bool:
+    """Whether `backend`'s kernel for `op` takes these tensors (dtypes, devices). A backend states
+    its limits by registering a `"supports"` function; without one it takes everything."""
+    fn = _REGISTRY.get((op, backend, "supports"))
+    return fn is None or bool(fn(*tensors))
+
+
+def choose_backend(op: str, *tensors: torch.Tensor, fn_name: str = "fwd") -> str:
+    """The backend that runs `op` on these tensors now (one that has an `fn_name` kernel)."""
     forced = forced_backend()
     if forced is not None:
-        if forced != "reference" and not has_kernel(op, forced):
+        if forced != "reference" and not has_kernel(op, forced, fn_name):
             raise RuntimeError(f"ERNIE_CORE_BACKEND={forced} but op {op!r} has no {forced} kernel built here")
+        if not supports(op, forced, *tensors):
+            kinds = ", ".join(f"{t.dtype} on {t.device}" for t in tensors if isinstance(t, torch.Tensor))
+            raise RuntimeError(f"ERNIE_CORE_BACKEND={forced} but its {op!r} kernel does not take {kinds}")
         return forced
     is_cuda = any(t.is_cuda for t in tensors if isinstance(t, torch.Tensor))
     candidates = ("cuda", "triton") if is_cuda else ("cpu",)
     for backend in candidates:
-        if has_kernel(op, backend):
+        if has_kernel(op, backend, fn_name) and supports(op, backend, *tensors):
             return backend
     return "reference"

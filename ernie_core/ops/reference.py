@@ -103,9 +103,14 @@ def rope_reference(
     return rope_reference_one(q, position_ids, theta), rope_reference_one(k, position_ids, theta)
 
 
+def rope_inv_freq(dim: int, theta: float, device=None) -> torch.Tensor:
+    """theta^(-2i/dim), i < dim/2, fp32 [dim/2] (the kernels take it from here so angles match)."""
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
+
+
 def rope_angles(position_ids: torch.Tensor, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [B, S, 1, D/2] for interleaved RoPE with angle pos * theta^(-2i/dim)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=position_ids.device, dtype=torch.float32) / dim))
+    inv_freq = rope_inv_freq(dim, theta, position_ids.device)
     angles = position_ids.to(torch.float32).unsqueeze(-1) * inv_freq  # [B, S, D/2]
     return angles.cos().unsqueeze(2), angles.sin().unsqueeze(2)
 
@@ -142,3 +147,90 @@ def fused_head_ce_reference(
     logits = torch.matmul(hidden, weight.t()).float()
     loss_sum = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
     return loss_sum, (labels != ignore_index).sum()
+
+
+# ---- Backward references ------------------------------------------------------------------------
+# Explicit gradient formulas in fp32: the "reference" backend's backward kernels. (Op
+# implementations run below autograd, so they cannot differentiate the forward references; the
+# tests check these formulas against autograd through the forward references.)
+
+
+def _flashmask_allowed(idx, causal, S, Hq, device):
+    if idx is None:
+        allowed = torch.ones(S, S, dtype=torch.bool, device=device)
+        return (torch.tril(allowed) if causal else allowed).view(1, 1, S, S)
+    allowed = startend_row_indices_to_mask(idx, causal)
+    return allowed.repeat_interleave(Hq // allowed.shape[1], dim=1) if allowed.shape[1] != 1 else allowed
+
+
+def flashmask_attention_backward_reference(dout, q, k, v, out, lse, startend_row_indices, causal=True,
+                                           softmax_scale=None, dlse=None):
+    """dq, dk, dv of flashmask_attention given the saved out and lse [B, Hq, S] (fp32 math).
+
+    P = exp(s - lse) on visible entries, delta = rowsum(dO * O) - dlse, dS = P (dP - delta),
+    dq = scale dS k, dk = scale dS^T q, dv = P^T dO (summed over the query heads of a kv head).
+    """
+    B, S, Hq, D = q.shape
+    Hkv = k.shape[2]
+    group = Hq // Hkv
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    qf, dof, of = (t.float().transpose(1, 2) for t in (q, dout, out))  # [B, Hq, S, D]
+    kf = k.float().transpose(1, 2).repeat_interleave(group, dim=1)
+    vf = v.float().transpose(1, 2).repeat_interleave(group, dim=1)
+    allowed = _flashmask_allowed(startend_row_indices, causal, S, Hq, q.device)
+    scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale
+    probs = torch.where(allowed, torch.exp(scores - lse.float().unsqueeze(-1)), torch.zeros((), device=q.device))
+    delta = (dof * of).sum(-1, keepdim=True)
+    if dlse is not None:
+        delta = delta - dlse.float().unsqueeze(-1)
+    ds = probs * (torch.matmul(dof, vf.transpose(-1, -2)) - delta)
+    dq = torch.matmul(ds, kf) * scale
+    dk = (torch.matmul(ds.transpose(-1, -2), qf) * scale).view(B, Hkv, group, S, D).sum(2)
+    dv = torch.matmul(probs.transpose(-1, -2), dof).view(B, Hkv, group, S, D).sum(2)
+    return (dq.transpose(1, 2).to(q.dtype).contiguous(), dk.transpose(1, 2).to(k.dtype).contiguous(),
+            dv.transpose(1, 2).to(v.dtype).contiguous())
+
+
+def rms_norm_rstd_reference(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """rsqrt(mean(x^2) + eps) in fp32, [...] (x without its last dim)."""
+    return torch.rsqrt(x.float().pow(2).mean(-1) + eps)
+
+
+def rms_norm_backward_reference(dy, x, weight, rstd):
+    """dx = rstd (dn - n mean(dn n)) with n = x rstd, dn = dy w; dw = sum over rows of dy cast(n)."""
+    xf, dyf, wf = x.float(), dy.float(), weight.float()
+    r = rstd.float().unsqueeze(-1)
+    n = xf * r
+    dn = dyf * wf
+    dx = r * (dn - n * (dn * n).mean(-1, keepdim=True))
+    dw = (dyf * n.to(x.dtype).float()).reshape(-1, x.shape[-1]).sum(0)
+    return dx.to(x.dtype), dw.to(weight.dtype)
+
+
+def swiglu_backward_reference(dy, gate, up):
+    """dgate = dy up sig(g) (1 + g (1 - sig(g))), dup = dy silu(g), fp32 math."""
+    g, u, d = gate.float(), up.float(), dy.float()
+    sig = torch.sigmoid(g)
+    dg = d * u * sig * (1 + g * (1 - sig))
+    du = d * g * sig
+    return dg.to(gate.dtype), du.to(up.dtype)
+
+
+def fused_head_ce_fwd_bwd_reference(hidden, weight, labels, ignore_index=-100, chunk_tokens=0,
+                                    grad_hidden=True, grad_weight=True):
+    """(loss_sum, n_tokens, dhidden, dweight) of LM head + CE for an upstream grad of 1 on loss_sum,
+    materialising the [N, V] logits (reference only; chunk_tokens is ignored). Gradients not asked
+    for come back as empty tensors."""
+    logits = torch.matmul(hidden, weight.t()).float()
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    lse = torch.logsumexp(logits, dim=-1)
+    target = logits.gather(1, safe.unsqueeze(1)).squeeze(1)
+    loss_sum = torch.where(valid, lse - target, torch.zeros_like(lse)).sum()
+    dlogits = torch.softmax(logits, dim=-1)
+    dlogits.scatter_add_(1, safe.unsqueeze(1), -torch.ones_like(lse).unsqueeze(1))
+    dlogits = dlogits * valid.unsqueeze(1)
+    empty_h, empty_w = hidden.new_empty(0), weight.new_empty(0)
+    dhidden = torch.matmul(dlogits.to(hidden.dtype), weight) if grad_hidden else empty_h
+    dweight = torch.matmul(dlogits.t(), hidden.float()).to(weight.dtype) if grad_weight else empty_w
+    return loss_sum, valid.sum(), dhidden, dweight

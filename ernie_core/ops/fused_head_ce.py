@@ -1,0 +1,90 @@
+"""LM head + cross-entropy without the [tokens, vocab] logits: the public op `ernie_core::fused_head_ce`.
+
+The forward runs the head chunk by chunk over tokens; per chunk it computes the logits, their
+log-sum-exp, the loss and, right away, the gradients for hidden and weight (ernie_reference §12.2,
+`use_fused_head_and_loss_fn`). It returns (loss_sum, n_tokens, dhidden, dweight) with gradients for
+an upstream grad of 1; the backward (`ernie_core::fused_head_ce_backward`, its own op) only scales
+them. Gradients nobody needs (no grad mode, frozen weight) are not computed.
+A backend registers `fwd_bwd(hidden, weight, labels, ignore_index, chunk_tokens, grad_hidden=True,
+grad_weight=True) -> (loss_sum, n_tokens, dhidden, dweight)` (empty tensors for grads not asked).
+"""
+import torch
+
+from . import _backend, _dtypes
+from . import reference as ref
+
+OP = "fused_head_ce"
+
+
+@torch.library.custom_op("ernie_core::fused_head_ce", mutates_args=())
+def fused_head_ce_op(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int, chunk_tokens: int,
+    grad_hidden: bool, grad_weight: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    backend = _backend.choose_backend(OP, hidden, weight, fn_name="fwd_bwd")
+    with _dtypes.no_autocast(hidden):
+        return _backend.kernel(OP, backend, "fwd_bwd")(
+            hidden, weight, labels, ignore_index, chunk_tokens, grad_hidden=grad_hidden, grad_weight=grad_weight
+        )
+
+
+@fused_head_ce_op.register_fake
+def _(hidden, weight, labels, ignore_index, chunk_tokens, grad_hidden, grad_weight):
+    return (
+        hidden.new_empty((), dtype=torch.float32),
+        labels.new_empty((), dtype=torch.int64),
+        hidden.new_empty(hidden.shape if grad_hidden else (0,)),
+        weight.new_empty(weight.shape if grad_weight else (0,)),
+    )
+
+
+@torch.library.custom_op("ernie_core::fused_head_ce_backward", mutates_args=())
+def fused_head_ce_backward_op(
+    grad_loss: torch.Tensor, dhidden: torch.Tensor, dweight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    g = grad_loss.float()
+    return (dhidden * g).to(dhidden.dtype), (dweight * g).to(dweight.dtype)
+
+
+@fused_head_ce_backward_op.register_fake
+def _(grad_loss, dhidden, dweight):
+    return dhidden.new_empty(dhidden.shape), dweight.new_empty(dweight.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.grad_hidden, ctx.grad_weight = inputs[5], inputs[6]
+    ctx.save_for_backward(output[2], output[3])
+
+
+def _backward(ctx, grad_loss, _grad_n, _grad_dh, _grad_dw):
+    dhidden, dweight = ctx.saved_tensors
+    gh, gw = fused_head_ce_backward_op(grad_loss, dhidden, dweight)
+    return (gh if ctx.grad_hidden else None), (gw if ctx.grad_weight else None), None, None, None, None, None
+
+
+fused_head_ce_op.register_autograd(_backward, setup_context=_setup_context)
+_backend.register(OP, "reference", "fwd_bwd", ref.fused_head_ce_fwd_bwd_reference)
+
+
+def fused_head_ce(hidden, weight, labels, ignore_index=-100, chunk_tokens=None, sparse=False):
+    """Sum of fp32 cross-entropy of (hidden @ weight.T) against labels, and the labelled-token count.
+
+    hidden [..., H], weight [V, H], labels [...] int (ignore_index = no loss). Returns (loss_sum
+    fp32 scalar, n_tokens int64 scalar); mean loss = loss_sum / n_tokens. chunk_tokens: tokens
+    per chunk (None: about 64 MiB of fp32 logits per chunk). sparse=True first gathers the
+    labelled positions (`use_sparse_head_and_loss_fn`), so unlabelled tokens cost nothing.
+    Under autocast hidden and weight are cast to the autocast dtype (like a matmul), else to their
+    common dtype; the softmax / CE math is fp32 and dweight is accumulated in fp32.
+    """
+    hidden, weight = _dtypes.matmul_inputs(hidden, weight)
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    labels = labels.reshape(-1)
+    if sparse:
+        keep = (labels != ignore_index).nonzero().squeeze(1)
+        hidden, labels = hidden.index_select(0, keep), labels.index_select(0, keep)
+    grad_on = torch.is_grad_enabled()
+    loss_sum, n_tokens, _, _ = fused_head_ce_op(
+        hidden, weight, labels, int(ignore_index), int(chunk_tokens or 0),
+        grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
+    )
+    return loss_sum, n_tokens
