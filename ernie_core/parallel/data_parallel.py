@@ -1,0 +1,168 @@
+"""Data parallelism and ZeRO sharding over the `dp x sharding` ranks.
+
+| layout           | torch mechanism                                    | at rest per rank               |
+|------------------|----------------------------------------------------|--------------------------------|
+| dp only          | `replicate` (DDP on FSDP2's machinery)             | full params, grads, moments    |
+| sharding stage1  | `replicate` + `ZeroOneOptimizer` (this file)       | full params and grads; 1/N moments |
+| sharding stage2  | `fully_shard(reshard_after_forward=False)`         | 1/N grads and moments (ZeRO-2) |
+| sharding stage3  | `fully_shard(reshard_after_forward=True)`          | 1/N params, grads, moments     |
+
+With dp > 1 as well, stage2/3 use a 2-D mesh (HSDP: replicate over dp, shard over sharding).
+FSDP2 keeps parameters sharded between steps also in stage2 and gathers them once per forward;
+that costs the same bytes as ZeRO-2's after-step all-gather and holds less memory.
+
+Stage1 has no torch counterpart for DTensor parameters (ZeroRedundancyOptimizer broadcasts plain
+tensors), so `ZeroOneOptimizer` does it on local tensors: each sharding rank owns a 1/N slice of
+every parameter, the AdamW state exists only for that slice, and after the update one all-gather
+puts the new values back into the (replicated) parameters.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..errors import ConfigError
+
+SHARDING_OPTIONS = {
+    "enable_stage1_overlap": "no-op: the stage1 all-gather is one bucketed collective after the update",
+    "enable_stage2_overlap": "no-op: FSDP2 overlaps its collectives with compute itself",
+    "enable_stage1_tensor_fusion": "honoured by construction: stage1 gathers all parameters in one flat buffer",
+    "enable_stage1_broadcast_overlap": "no-op: stage1 uses one all-gather, not per-parameter broadcasts",
+    "enable_release_grads": "honoured: gradients are freed after every optimizer step (as release_grads)",
+    "disable_stage1_reduce_avg": "no-op: gradients are always averaged over data-parallel ranks",
+    "split_param": "no-op: stage1 always splits each parameter evenly over the sharding ranks",
+    "enable_fuse_optimizer_states": "no-op: optimizer states are per parameter slice",
+}
+
+
+def parse_sharding_options(value: str) -> set[str]:
+    opts = set(str(value or "").split())
+    unknown = opts - set(SHARDING_OPTIONS)
+    if unknown:
+        raise ConfigError(f"sharding_parallel_config: unknown option(s) {sorted(unknown)}; known: "
+                          f"{', '.join(sorted(SHARDING_OPTIONS))}")
+    return opts
+
+
+def apply_data_parallel(root: nn.Module, layers: list[nn.Module], mesh, dims) -> None:
+    """Wrap `root` (the model or one pipeline chunk) and its decoder `layers` for dp/sharding, in place.
+    Layers are wrapped first so each is one communication group (bottom-up, as FSDP2 requires); the
+    embedding, final norm and LM head (tied) stay in the root's group."""
+    if dims.data_world == 1:
+        return
+    from torch.distributed.fsdp import fully_shard
+
+    if dims.sharding_stage in (2, 3):
+        shard_mesh = mesh["dp", "sharding"] if dims.dp > 1 else mesh["sharding"]
+        reshard = dims.sharding_stage == 3
+        for layer in layers:
+            if any(True for _ in layer.parameters()):
+                fully_shard(layer, mesh=shard_mesh, reshard_after_forward=reshard)
+        fully_shard(root, mesh=shard_mesh, reshard_after_forward=reshard)
+    else:  # dp and stage1: gradients all-reduced over every data-parallel rank
+        from torch.distributed._composable.replicate_with_fsdp import replicate
+
+        for layer in layers:
+            if any(True for _ in layer.parameters()):
+                replicate(layer, mesh=mesh["data"])
+        replicate(root, mesh=mesh["data"])
+
+
+def set_grad_sync(root: nn.Module, enabled: bool) -> None:
+    """Skip the gradient all-reduce of replicated (dp/stage1) modules on all but the last micro-batch.
+    Sharded stages keep reducing every micro-batch: holding unsharded gradients would defeat ZeRO."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(root, FSDPModule):
+        root.set_requires_gradient_sync(enabled)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+class ZeroOneOptimizer:
+    """ZeRO stage 1 over the sharding group: the optimizer only ever sees this rank's slices.
+
+    `param_groups(groups)` swaps every parameter of the trainer's groups for its slice (a fresh
+    leaf Parameter); the trainer builds its usual AdamW and LR schedule on those. Per step:
+    `load_grads()` copies the (already data-parallel averaged) gradient slices in, the optimizer
+    steps, `gather_params()` all-gathers the updated slices into the full parameters."""
+
+    def __init__(self, group):
+        self.group = group
+        self.n, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.entries: list[tuple[nn.Parameter, nn.Parameter, int, int]] = []  # (param, slice, offset, chunk)
+        self.flat_size = 0
+
+    def param_groups(self, groups: list[dict]) -> list[dict]:
+        out = []
+        for g in groups:
+            slices = [self._slice_of(p) for p in g["params"]]
+            out.append({**g, "params": slices})
+        return out
+
+    def _slice_of(self, p: nn.Parameter) -> nn.Parameter:
+        local = _local(p.data)
+        chunk = -(-local.numel() // self.n)  # ceil: the last rank's slice is zero-padded
+        flat = torch.zeros(chunk * self.n, dtype=local.dtype, device=local.device)
+        flat[:local.numel()] = local.reshape(-1)
+        piece = nn.Parameter(flat[self.rank * chunk:(self.rank + 1) * chunk].clone())
+        self.entries.append((p, piece, self.flat_size, chunk))
+        self.flat_size += chunk
+        return piece
+
+    def slice_to_param(self) -> dict[int, nn.Parameter]:
+        return {id(piece): p for p, piece, _, _ in self.entries}
+
+    @torch.no_grad()
+    def load_grads(self) -> None:
+        for p, piece, _, chunk in self.entries:
+            if p.grad is None:
+                piece.grad = None
+                continue
+            g = _local(p.grad).reshape(-1)
+            lo, hi = self.rank * chunk, min((self.rank + 1) * chunk, g.numel())
+            buf = torch.zeros(chunk, dtype=g.dtype, device=g.device)
+            if hi > lo:
+                buf[:hi - lo] = g[lo:hi]
+            piece.grad = buf
+
+    @torch.no_grad()
+    def gather_params(self) -> None:
+        if not self.entries:
+            return
+        mine = torch.cat([piece.detach().reshape(-1) for _, piece, _, _ in self.entries])
+        full = torch.empty(self.n * self.flat_size, dtype=mine.dtype, device=mine.device)
+        dist.all_gather_into_tensor(full, mine, group=self.group)
+        full = full.view(self.n, self.flat_size)
+        for p, _, off, chunk in self.entries:
+            local = _local(p.data)
+            values = full[:, off:off + chunk].reshape(-1)[:local.numel()]
+            local.copy_(values.view_as(local))
+
+    @torch.no_grad()
+    def full_local_state(self, piece_state: dict, p: nn.Parameter, chunk: int) -> dict:
+        """One slice's AdamW state -> the state of the whole local parameter (all-gather over sharding)."""
+        local = _local(p.data)
+        out = {}
+        for k, v in piece_state.items():
+            if torch.is_tensor(v) and v.dim() > 0 and v.numel() == chunk:
+                full = torch.empty(self.n * chunk, dtype=v.dtype, device=v.device)
+                dist.all_gather_into_tensor(full, v.contiguous(), group=self.group)
+                out[k] = full[:local.numel()].view_as(local)
+            else:
+                out[k] = v
+        return out
+
+    def local_slice(self, full_local: torch.Tensor, chunk: int) -> torch.Tensor:
+        """The inverse: this rank's (zero-padded) slice of a whole local-parameter tensor."""
+        flat = full_local.reshape(-1)
+        buf = torch.zeros(chunk, dtype=flat.dtype, device=flat.device)
+        lo, hi = self.rank * chunk, min((self.rank + 1) * chunk, flat.numel())
+        if hi > lo:
+            buf[:hi - lo] = flat[lo:hi]
+        return buf
