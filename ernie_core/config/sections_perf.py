@@ -45,43 +45,42 @@ class DistSection:
 
     tensor_parallel_degree: int = option(
         1, "Tensor-parallel ways (each layer split over this many devices); -1 reads as 1.",
-        implemented=False, ge=1, special=(-1,), normalize=_degree)
+        ge=1, special=(-1,), normalize=_degree)
     tensor_parallel_config: str = option(
         "", "Space-separated tensor-parallel options, e.g. 'sync_param sync_grad sync_moment'.",
-        implemented=False, sep=" ")
+        sep=" ")
     tensor_parallel_output: bool = option(
-        True, "With tensor parallelism, keep logits vocab-sharded and use a vocab-parallel cross-entropy.",
-        implemented=False)
+        True, "With tensor parallelism, keep logits vocab-sharded and use a vocab-parallel cross-entropy.")
     pipeline_parallel_degree: int = option(
-        1, "Pipeline stages; -1 reads as 1.", implemented=False, ge=1, special=(-1,), normalize=_degree)
+        1, "Pipeline stages; -1 reads as 1.", ge=1, special=(-1,), normalize=_degree)
     pipeline_parallel_config: str = option(
         "", "Space-separated pipeline options, e.g. 'disable_partial_send_recv enable_delay_scale_loss'.",
-        implemented=False, sep=" ")
+        sep=" ")
     pp_seg_method: Union[str, list[int]] = option(
         "layer:Ernie4_5_DecoderLayer|EmptyLayer", "How layers are split over pipeline stages: "
         "'layer:Ernie4_5_DecoderLayer|EmptyLayer' (by layer count), 'uniform', or layer bounds such as "
-        "[0, 29, 57] (one more entry than stages).", implemented=False, normalize=_seg_method)
+        "[0, 29, 57] (one more entry than stages).", normalize=_seg_method)
     virtual_pp_degree: int = option(
         1, "Virtual pipeline chunks per stage (interleaved schedule); needs pipeline_parallel_degree > 1.",
-        implemented=False, ge=1)
+        ge=1)
     add_tail_layers: int = option(0, "Empty layers appended after the decoder layers to balance pipeline stages.",
-                                  implemented=False, ge=0)
+                                  ge=0)
     sharding_parallel_degree: int = option(
         -1, "Ranks that share optimizer state (ZeRO group); -1 = all data-parallel ranks, 1 = no sharding.",
-        implemented=False, ge=1, special=(-1,), supported=(-1, 1))
+        ge=1, special=(-1,), supported=(-1, 1))
     sharding_parallel_config: str = option(
         "", "Space-separated sharding options, e.g. 'enable_stage1_overlap enable_release_grads'.",
-        implemented=False, sep=" ")
+        sep=" ")
     sharding: str = option(
         "", "ZeRO stage: stage1 (optimizer state), stage2 (+ gradients) or stage3 (+ parameters); "
-        "stage2/stage3 may add 'offload', e.g. 'stage2 offload'.", implemented=False, sep=" ",
+        "stage2/stage3 may add 'offload', e.g. 'stage2 offload'.", sep=" ",
         item_choices=("stage1", "stage2", "stage3", "offload"), normalize=_sharding)
     sequence_parallel: bool = option(
         False, "Megatron-style sequence parallelism; only active with tensor_parallel_degree > 1 and "
-        "switched off otherwise (the table lists true; the code default is false).", implemented=False)
+        "switched off otherwise (the table lists true; the code default is false).")
     use_sp_callback: bool = option(
         False, "All-reduce sequence-parallel parameter gradients in a callback instead of hooks; "
-        "turned off with sharding stage2.", implemented=False)
+        "turned off with sharding stage2.")
     moe_group: str = option(
         "dummy", "Expert-parallel group: dummy (none), mp/tp (experts over the tensor-parallel group), "
         "dp/data (experts over data-parallel ranks).", implemented=False,
@@ -144,7 +143,7 @@ class AccelSection:
         0, "Data-loading worker processes; 0 loads in the main process (the table says 1; code default 0).",
         ge=0)
     distributed_dataloader: bool = option(
-        False, "Read data on one rank per model-parallel group and broadcast it.", implemented=False)
+        False, "Read data on one rank per model-parallel group and broadcast it.")
     moe_multimodal_dispatch_use_allgather: str = option(
         "v2-alltoall-unpad", "MoE token dispatch: empty = capacity-padded all-to-all; otherwise all-gather, "
         "with an all-to-all back if it contains 'alltoall', unpadded if it contains 'unpad'.",

@@ -9,6 +9,7 @@ so the trainer has no branches on the layout.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 
@@ -68,6 +69,7 @@ class ParallelContext:
         self._tied = False
         self._tied_copy = None  # last pipeline stage's LM head when it copies a tied embedding
         self._roots: list[torch.nn.Module] = []  # modules wrapped for data parallelism
+        self._loss_depth = 0
         if self.opts.virtual_pp_degree > 1 and dims.pp == 1:
             raise ConfigError("virtual_pp_degree > 1 needs pipeline_parallel_degree > 1")
 
@@ -186,10 +188,9 @@ class ParallelContext:
         out.train.per_device_train_batch_size *= self.dp_world
         return out
 
-    def data_state(self, stream) -> dict:
+    def data_state(self, stream, batch_size: int) -> dict:
         """The stream position plus the data world it was counted in (micro-batches = global batches)."""
-        return {**stream.state_dict(), "data_world": self.dp_world,
-                "batch_size": getattr(stream, "bs", None)}
+        return {**stream.state_dict(), "data_world": self.dp_world, "batch_size": batch_size}
 
     def restore_data_state(self, stream, state: dict, batch_size: int) -> None:
         """Resume the stream, converting the position when the data world changed (same rows consumed)."""
@@ -204,10 +205,25 @@ class ParallelContext:
         stream.load_state_dict(state)
 
     # ------------------------------------------------------------------ steps
+    @contextlib.contextmanager
     def loss_context(self):
+        """Vocab-parallel CE (tensor_parallel_output) around forward and backward; re-entrant, since
+        torch's loss_parallel switches itself off on the first exit."""
         from .tensor_parallel import loss_context
 
-        return loss_context(self.dims.tp > 1 and self.opts.tensor_parallel_output)
+        if self._loss_depth:
+            self._loss_depth += 1
+            try:
+                yield
+            finally:
+                self._loss_depth -= 1
+            return
+        self._loss_depth = 1
+        try:
+            with loss_context(self.dims.tp > 1 and self.opts.tensor_parallel_output):
+                yield
+        finally:
+            self._loss_depth = 0
 
     def set_grad_sync(self, enabled: bool) -> None:
         """Call before each micro-batch's backward: gradient all-reduce only on the last one."""

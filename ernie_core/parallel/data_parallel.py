@@ -143,6 +143,7 @@ class ZeroOneOptimizer:
             local = _local(p.data)
             values = full[:, off:off + chunk].reshape(-1)[:local.numel()]
             local.copy_(values.view_as(local))
+            p.grad = None  # the optimizer only knows the slices; free the full gradients here
 
     @torch.no_grad()
     def full_local_state(self, piece_state: dict, p: nn.Parameter, chunk: int) -> dict:

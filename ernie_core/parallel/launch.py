@@ -74,8 +74,9 @@ def abort_process_group() -> None:
 
 
 @contextlib.contextmanager
-def rank_failure_guard(rank: int, world_size: int):
+def rank_failure_guard(rank: int, world_size: int, *, owns_group: bool = True):
     """Run the body; on an error, say which rank failed, abort the group so peers stop, re-raise.
+    A clean exit leaves the group (after a barrier) when this run created it (`owns_group`).
 
     UserErrors (bad config or data) are printed by the entry point as usual; they are normally raised
     by every rank alike, so only their message matters."""
@@ -91,7 +92,8 @@ def rank_failure_guard(rank: int, world_size: int):
     else:
         if dist.is_initialized():
             dist.barrier()
-            dist.destroy_process_group()
+            if owns_group:
+                dist.destroy_process_group()
 
 
 @contextlib.contextmanager
@@ -103,8 +105,9 @@ def parallel_session(cfg):
     if not launched_by_torchrun():
         yield ParallelContext.from_config(cfg)
         return
+    owns_group = not dist.is_initialized()  # a test harness may have joined the job already
     rank, world, device = init_distributed()
-    with rank_failure_guard(rank, world):
+    with rank_failure_guard(rank, world, owns_group=owns_group):
         ctx = ParallelContext.from_config(cfg, rank=rank, world_size=world, device=device)
         if rank == 0:
             print(f"parallel layout: {ctx.dims.describe()}, backend {dist.get_backend()}", flush=True)

@@ -12,13 +12,22 @@ def run_training(cfg) -> dict:
         objective = SFTObjective()
     else:
         raise UserError(f"not supported yet: stage={cfg.basic.stage}")
+    from ..parallel import parallel_session
     from .trainer import Trainer
 
-    trainer = Trainer(cfg, objective)
-    trainer.setup()
-    state = trainer.train()
-    if trainer.is_main:
-        from .report import print_report
+    # Under torchrun (WORLD_SIZE > 1): process group + mesh, and a failing rank stops every rank.
+    with parallel_session(cfg) as par:
+        trainer = Trainer(cfg, objective, rank=par.rank, world_size=par.world_size, parallel=par)
+        trainer.setup()
+        state = trainer.train()
+        if trainer.is_main:
+            from .report import print_report
 
-        print_report(trainer)
+            if par.dims.distributed and cfg.basic.do_train:  # the sharded model needs every rank: report on the saved one
+                from ..models import Ernie4_5ForCausalLM
+                from .trainer import model_runtime_kwargs
+
+                trainer.model = Ernie4_5ForCausalLM.from_pretrained(str(trainer.output_dir),
+                                                                    **model_runtime_kwargs(cfg)).to(trainer.device)
+            print_report(trainer)
     return state

@@ -51,11 +51,15 @@ def dropout_rates(step: int, hidden_p: float, attn_p: float, warmup: int) -> tup
 class Trainer:
     """Runs one objective (SFT, DPO) on one process; parallel layouts wrap the same steps (ernie_core/parallel)."""
 
-    def __init__(self, cfg, objective, *, rank: int = 0, world_size: int = 1):
+    def __init__(self, cfg, objective, *, rank: int = 0, world_size: int = 1, parallel=None):
+        from ..parallel import ParallelContext
+
         self.cfg = cfg
         self.objective = objective  # what is trained: data + loss (sft.SFTObjective, dpo.DPOObjective)
         self.rank, self.world_size = rank, world_size
         self.is_main = rank == 0
+        # Where parallelism plugs in (mesh, plans, collectives); a no-op context for one process.
+        self.parallel = parallel or ParallelContext.from_config(cfg)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.output_dir = Path(cfg.basic.output_dir)
         self.global_step = 0
@@ -86,13 +90,14 @@ class Trainer:
         cfg, obj = self.cfg, self.objective
         self.tokenizer = load_tokenizer(cfg.basic.model_name_or_path)
         obj.validate(cfg, self.tokenizer)  # every bad line stops the run here, before training
-        self.stream = obj.build_stream(cfg, self.tokenizer, dp_rank=self.rank, dp_world=self.world_size)
+        self.stream = self.parallel.build_stream(obj, cfg, self.tokenizer)  # this rank's slice of each global batch
         self.eval_batches = obj.build_eval_batches(cfg, self.tokenizer) if cfg.basic.do_eval else []
+        steps_cfg = self.parallel.global_batch_config(cfg)  # steps count whole global batches (dp x sharding)
         if cfg.train.max_steps > 0:
             self.max_steps = cfg.train.max_steps
-            self.steps_per_epoch = max(1, obj.estimate_max_steps(_with_epochs(cfg, 1), self.tokenizer))
+            self.steps_per_epoch = max(1, obj.estimate_max_steps(_with_epochs(steps_cfg, 1), self.tokenizer))
         else:
-            self.max_steps = obj.estimate_max_steps(cfg, self.tokenizer)
+            self.max_steps = obj.estimate_max_steps(steps_cfg, self.tokenizer)
             self.steps_per_epoch = max(1, self.max_steps // max(1, int(math.ceil(cfg.train.num_train_epochs))))
 
     def setup_model(self) -> None:
@@ -108,6 +113,7 @@ class Trainer:
         self.model.to(self.device)
         self.model.train()
         self.model_config = self.model.config
+        self.model = self.parallel.parallelize(self.model)  # TP/SP, pipeline stage, dp/ZeRO (same model if 1 process)
 
     def setup_optimizer(self) -> None:
         cfg = self.cfg
@@ -115,6 +121,7 @@ class Trainer:
         groups = param_groups(self.model, weight_decay=t.weight_decay, layerwise_bound=t.layerwise_lr_decay_bound,
                               num_layers=self.model_config.num_hidden_layers,
                               tied_embedding=self.model_config.tie_word_embeddings)
+        groups = self.parallel.optimizer_param_groups(groups)  # sharding stage1: this rank's slices
         self.optimizer = build_optimizer(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
                                          eps=t.adam_epsilon)
         decay_steps = t.decay_steps if getattr(t, "decay_steps", None) and t.decay_steps > 0 else self.max_steps
@@ -125,8 +132,9 @@ class Trainer:
 
     def _resume(self, path: Path) -> None:
         load_opt = not self.cfg.checkpoint.ignore_load_lr_and_optim
-        trainer_state, data_state = ckpt.load_training_state(
-            path, optimizer=self.optimizer if load_opt else None, scheduler=self.scheduler if load_opt else None)
+        trainer_state, data_state = ckpt.load_training_state(  # optimizer state is saved by name, any layout
+            path, optimizer=self.parallel.optimizer_loader(self.optimizer) if load_opt else None,
+            scheduler=self.scheduler if load_opt else None)
         if not load_opt:  # fresh optimizer, but the schedule continues at the resumed step
             for _ in range(trainer_state["global_step"]):
                 self.scheduler.step()
@@ -134,8 +142,8 @@ class Trainer:
         self.state = trainer_state.get("state") or self.state
         if not self.state.get("window"):
             self.state.pop("window", None)
-        if data_state:
-            self.stream.load_state_dict(data_state)
+        if data_state:  # converted when the checkpoint's data-parallel world differs from this run's
+            self.parallel.restore_data_state(self.stream, data_state, self.cfg.train.per_device_train_batch_size)
         if self.is_main:
             print(f"resuming from {path} at step {self.global_step}", flush=True)
 
@@ -149,32 +157,34 @@ class Trainer:
         return {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
     def forward_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        with self.autocast():
+        if self.parallel.pipelined:  # the stages run the model; the last one computes the SFT loss
+            return self.parallel.pipeline_eval_loss(batch), {}
+        with self.autocast(), self.parallel.loss_context():
             return self.objective.loss(self.model, batch)
 
     def loss_step(self) -> tuple[float, int, dict]:
         """Forward + backward over gradient_accumulation_steps micro-batches; mean of their losses
         (and of the objective's metrics)."""
         accum = self.cfg.train.gradient_accumulation_steps
+        if self.parallel.pipelined:  # the pipeline schedule runs all micro-batches of the step
+            with self.autocast():
+                return self.parallel.pipeline_loss_step([self.to_device(next(self.stream)) for _ in range(accum)])
         total, tokens, metrics = 0.0, 0, {}
-        for _ in range(accum):
+        for i in range(accum):
             batch = self.to_device(next(self.stream))
-            loss, extra = self.forward_loss(batch)
-            (loss / accum).backward()
+            self.parallel.set_grad_sync(i == accum - 1)  # data-parallel gradient reduction once per step
+            with self.parallel.loss_context():  # vocab-parallel CE needs forward and backward inside
+                loss, extra = self.forward_loss(batch)
+                (loss / accum).backward()
             total += loss.item() / accum
             tokens += int(batch["num_tokens"])
             for k, v in extra.items():
                 metrics[k] = metrics.get(k, 0.0) + float(v) / accum
-        return total, tokens, metrics
+        return self.parallel.reduce_step_stats(total, tokens, metrics)  # mean loss, total tokens over replicas
 
     def optimizer_step(self) -> float:
-        max_norm = self.cfg.train.max_grad_norm
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if max_norm and max_norm > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False)
-        else:
-            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in params]))
-        self.optimizer.step()
+        # Global-norm clip (every shard counted once) + the update, with the layout's syncs around it.
+        grad_norm = self.parallel.optimizer_step(self.model, self.optimizer, self.cfg.train.max_grad_norm)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)  # release_grads: grads are freed after every step
         return float(grad_norm)
@@ -211,7 +221,7 @@ class Trainer:
             if self.is_main:
                 print(json.dumps({"do_train": False, **result}), flush=True)
             return result
-        if self.is_main and self.global_step == 0 and cfg.basic.do_eval:
+        if self.global_step == 0 and cfg.basic.do_eval:  # every rank: sharded models evaluate together
             self.state["eval_before"] = self.evaluate()
         bar = progress_bar(self.max_steps, self.global_step, disable=cfg.basic.disable_tqdm or not self.is_main)
         # The loss window survives a resume (it is in self.state), so the first log line after a
@@ -252,7 +262,7 @@ class Trainer:
             "ppl": math.exp(min(loss, 50.0)),
             "lr": lr,
             "grad_norm": grad_norm,
-            "tokens_per_sec": window["tokens"] * self.world_size / elapsed,
+            "tokens_per_sec": window["tokens"] / elapsed,  # tokens of the whole global batch (all replicas)
             "epoch": self.global_step / self.steps_per_epoch,
             "packing_efficiency": self.stream.packing_efficiency,
         }
@@ -282,23 +292,26 @@ class Trainer:
             self.save_checkpoint()
 
     def save_checkpoint(self) -> Path | None:
-        if not self.is_main:
-            return None
-        from ..models.io import save_model_files
-
         cfg = self.cfg
         skip_opt = cfg.checkpoint.ignore_save_lr_and_optim
+        # Every rank joins the gather of the full, layout-independent model/optimizer state; rank 0 writes.
+        model_state, opt_state = self.parallel.checkpoint_state(self.model, self.optimizer, with_optimizer=not skip_opt)
+        if not self.is_main:
+            return None
+        from ..models.io import write_hf_checkpoint
+
         state = dict(self.state)
         state["window"] = ({k: self.state["window"].get(k) for k in ("loss", "steps", "metrics")}
                            if "window" in self.state else None)
         trainer_state = {"global_step": self.global_step, "max_steps": self.max_steps, "state": state}
 
         def write(tmp: Path) -> None:
-            save_model_files(self.model, tmp)
+            write_hf_checkpoint(model_state, self.model_config, tmp)
             self.tokenizer.save_pretrained(tmp)
-            ckpt.save_training_state(tmp, optimizer=None if skip_opt else self.optimizer,
+            ckpt.save_training_state(tmp, optimizer=None if skip_opt else self.parallel.optimizer_saver(opt_state),
                                      scheduler=None if skip_opt else self.scheduler,
-                                     data_state=self.stream.state_dict(), trainer_state=trainer_state)
+                                     data_state=self.parallel.data_state(self.stream, cfg.train.per_device_train_batch_size),
+                                     trainer_state=trainer_state)
 
         path = ckpt.write_atomically(self.output_dir / f"checkpoint-{self.global_step}", write)
         ckpt.rotate(self.output_dir, cfg.checkpoint.save_total_limit)
@@ -306,16 +319,17 @@ class Trainer:
 
     def finish(self) -> None:
         """Final eval, final HF model in output_dir, and a summary line."""
+        final_eval = self.evaluate() if self.cfg.basic.do_eval else {}  # every rank: sharded models eval together
+        model_state, _ = self.parallel.checkpoint_state(self.model, self.optimizer, with_optimizer=False)
         if not self.is_main:
             return
-        from ..models.io import save_model_files
+        from ..models.io import write_hf_checkpoint
 
-        final_eval = self.evaluate() if self.cfg.basic.do_eval else {}
         self.state["eval_after"] = final_eval
         tmp = self.output_dir / ".final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_model_files(self.model, tmp)
+        write_hf_checkpoint(model_state, self.model_config, tmp)
         self.tokenizer.save_pretrained(tmp)
         for stale in self.output_dir.glob("model*.safetensors*"):
             stale.unlink()
