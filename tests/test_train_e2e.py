@@ -54,6 +54,12 @@ def test_run_logs_saves_and_reports(tmp_path, capsys):
     report = json.loads((out / "run_report.json").read_text())
     assert report["eval_loss_after"] < report["eval_loss_before"]
     assert "held-out exact-match accuracy" in capsys.readouterr().out
+    # `python -m ernie_core.eval` on the saved model reproduces the trainer's final eval loss
+    from ernie_core.eval import main as eval_main
+
+    assert eval_main(args(tmp_path, f"model_name_or_path={out}")) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["eval_loss"] == pytest.approx(report["eval_loss_after"], rel=1e-5)
 
 
 def test_resume_after_crash_gives_identical_losses(tmp_path, monkeypatch):

@@ -1,0 +1,65 @@
+"""`python -m ernie_core.eval CONFIG.yaml [key=value ...]`: eval_loss and eval_ppl of
+`model_name_or_path` on the config's eval datasets (every row once, in order), plus held-out
+exact-match accuracy when `eval_generate_samples` > 0. Prints one JSON line."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import torch
+
+from .errors import UserError
+
+
+def evaluate(cfg) -> dict:
+    from .data import build_eval_batches, build_eval_prompts, load_tokenizer
+    from .models import Ernie4_5ForCausalLM
+    from .train.report import generation_report
+    from .train.trainer import model_runtime_kwargs
+
+    if not cfg.eval.eval_dataset_path:
+        raise UserError("eval_dataset_path is empty: nothing to evaluate")
+    tok = load_tokenizer(cfg.basic.model_name_or_path)
+    model = Ernie4_5ForCausalLM.from_pretrained(cfg.basic.model_name_or_path, **model_runtime_kwargs(cfg)).eval()
+    batches = build_eval_batches(cfg, tok)
+    limit = cfg.eval.max_evaluate_steps
+    if limit and limit > 0:
+        batches = batches[:limit]
+    loss_sum, count = 0.0, 0
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision.bf16)
+    with torch.no_grad(), autocast:
+        for batch in batches:
+            n = int((batch["labels"] != -100).sum())
+            if n:
+                out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                            attn_mask_startend_row_indices=batch["attn_mask_startend_row_indices"],
+                            labels=batch["labels"])
+                loss_sum += float(out.loss) * n
+                count += n
+    result = {"eval_loss": loss_sum / max(1, count), "eval_ppl": math.exp(min(loss_sum / max(1, count), 50.0)),
+              "eval_tokens": count, "eval_batches": len(batches)}
+    if cfg.eval.eval_generate_samples > 0:
+        gen = generation_report(model, tok, build_eval_prompts(cfg, tok, limit=cfg.eval.eval_generate_samples))
+        result.update(held_out_accuracy=gen["accuracy"], held_out_n=gen["n"])
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import load_config
+
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    try:
+        cfg = load_config(argv[0], argv[1:])
+        print(json.dumps(evaluate(cfg)))
+        return 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
