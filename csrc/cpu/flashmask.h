@@ -69,12 +69,30 @@ class ColumnMask {
 };
 
 // Sets masked entries of a score tile s[r][c] (row i = r0 + r, column j = c0 + c) to -inf.
-// transposed: the tile is s[c][r] instead (rows of the tile are key columns).
-void mask_tile(float* s, int nr, int r0, int c0, const ColumnMask& cm, int bm, bool transposed);
+void mask_tile(float* s, int nr, int r0, int c0, const ColumnMask& cm, int bm);
 
-// C[M][16*nv] (+)= A[M][K] . B[K][16*nv], fp32, row-major with leading dims; nv in 1..16.
-void gemm(int nv, bool accumulate, int M, int K, const float* A, int lda, const float* B, int ldb, float* C,
-          int ldc);
+// C[M][16*nv] (+)= op(A) . B[K][16*nv], fp32, row-major with leading dims; nv in 1..16.
+// op(A) = A[M][K], or with trans_a the transpose of A[K][M] (read as A[k * lda + i]).
+void gemm(int nv, bool accumulate, bool trans_a, int M, int K, const float* A, int lda, const float* B, int ldb,
+          float* C, int ldc);
+
+// K and V of every (batch, kv head) transposed to fp32 [dp][s_pad] once per call, zero-padded, so a
+// tile's K^T / V^T operand is a pointer (column offset c0, leading dim s_pad) instead of a strided
+// copy per tile. Memory O(B * Hkv * S * D), linear in S.
+struct TransposedKV {
+  int dp = 0, s_pad = 0;
+  std::vector<float> kt, vt;
+  explicit TransposedKV(const FlashMaskParams& p);
+  const float* k(int b, int hk, int Hkv) const { return kt.data() + (int64_t(b) * Hkv + hk) * dp * s_pad; }
+  const float* v(int b, int hk, int Hkv) const { return vt.data() + (int64_t(b) * Hkv + hk) * dp * s_pad; }
+};
+
+// Loads n rows of a head slice (row stride ld) into dst[rows_pad][dp] as fp32 times scale; zero padding.
+template <class T>
+inline void load_tile(const T* src, int64_t ld, int n, int rows_pad, int D, int dp, float scale, float* dst) {
+  for (int r = 0; r < n; ++r) load_row(src + r * ld, dst + r * dp, D, dp, scale);
+  for (int64_t i = int64_t(n) * dp; i < int64_t(rows_pad) * dp; ++i) dst[i] = 0.f;
+}
 
 inline int round_up16(int x) { return (x + 15) / 16 * 16; }
 

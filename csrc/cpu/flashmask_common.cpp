@@ -82,46 +82,61 @@ TileKind ColumnMask::classify(int bm, int r0, int r1, int cb) const {
   return TileKind::kPartial;
 }
 
-void mask_tile(float* s, int nr, int r0, int c0, const ColumnMask& cm, int bm, bool transposed) {
+void mask_tile(float* s, int nr, int r0, int c0, const ColumnMask& cm, int bm) {
   const int32_t* ls = cm.ls(bm) + c0;
   const int32_t* le = cm.le(bm) + c0;
   const int32_t* us = cm.us(bm) + c0;
   const int32_t* ue = cm.ue(bm) + c0;
   const vfloat neg_inf = vsplat(-kInf);
-  if (!transposed) {  // s[r][c], kBlockN columns per row, vectors run along columns
-    for (int r = 0; r < nr; ++r) {
-      const vint i = vspliti(r0 + r);
-      for (int v = 0; v < kBlockN / kVecLen; ++v) {
-        const int off = v * kVecLen;
-        const vint j = viota() + (c0 + off);
-        const vint in_lower = (vloadi(ls + off) <= i) & (i < vloadi(le + off));
-        const vint in_upper = (vloadi(us + off) <= i) & (i < vloadi(ue + off));
-        const vint masked = i >= j ? in_lower : in_upper;
-        float* row = s + r * kBlockN + off;
-        vstore(row, masked ? neg_inf : vload(row));
-      }
-    }
-    return;
-  }
-  // s[c][r], kBlockM rows per column, vectors run along rows.
-  for (int c = 0; c < kBlockN; ++c) {
-    const int j = c0 + c;
-    for (int v = 0; v < kBlockM / kVecLen; ++v) {
+  for (int r = 0; r < nr; ++r) {
+    const vint i = vspliti(r0 + r);
+    for (int v = 0; v < kBlockN / kVecLen; ++v) {
       const int off = v * kVecLen;
-      if (off >= nr) break;
-      const vint i = viota() + (r0 + off);
-      const vint in_lower = (ls[c] <= i) & (i < le[c]);
-      const vint in_upper = (us[c] <= i) & (i < ue[c]);
+      const vint j = viota() + (c0 + off);
+      const vint in_lower = (vloadi(ls + off) <= i) & (i < vloadi(le + off));
+      const vint in_upper = (vloadi(us + off) <= i) & (i < vloadi(ue + off));
       const vint masked = i >= j ? in_lower : in_upper;
-      float* row = s + c * kBlockM + off;
+      float* row = s + r * kBlockN + off;
       vstore(row, masked ? neg_inf : vload(row));
     }
   }
 }
 
+template <class T>
+static void transpose_heads(const FlashMaskParams& p, const void* src_, const int64_t* stride, int dp, int s_pad,
+                            float* dst_all) {
+  const int64_t heads = int64_t(p.B) * p.Hkv;
+#pragma omp parallel for num_threads(p.num_threads) schedule(static)
+  for (int64_t bh = 0; bh < heads; ++bh) {
+    const int b = int(bh / p.Hkv), hk = int(bh % p.Hkv);
+    const T* src = static_cast<const T*>(src_) + b * stride[0] + hk * stride[2];
+    float* dst = dst_all + bh * dp * s_pad;
+    std::fill(dst, dst + int64_t(dp) * s_pad, 0.f);
+    for (int j0 = 0; j0 < p.S; j0 += kBlockN) {  // a block of rows at a time keeps dst lines in cache
+      const int j1 = std::min(p.S, j0 + kBlockN);
+      for (int j = j0; j < j1; ++j) {
+        const T* row = src + j * stride[1];
+        for (int d = 0; d < p.D; ++d) dst[int64_t(d) * s_pad + j] = to_float(row[d]);
+      }
+    }
+  }
+}
+
+TransposedKV::TransposedKV(const FlashMaskParams& p) {
+  dp = round_up16(p.D);
+  s_pad = (p.S + kBlockN - 1) / kBlockN * kBlockN;
+  kt.resize(int64_t(p.B) * p.Hkv * dp * s_pad);
+  vt.resize(kt.size());
+  dispatch_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    transpose_heads<T>(p, p.k, p.k_stride, dp, s_pad, kt.data());
+    transpose_heads<T>(p, p.v, p.v_stride, dp, s_pad, vt.data());
+  });
+}
+
 // Register-blocked kernel: R rows x NV vectors of C stay in registers while K streams through
 // (R * NV = 16 accumulators: half the AVX-512 register file, the rest holds B and A broadcasts).
-template <int NV, int R>
+template <int NV, int R, bool TA>
 static inline void gemm_rows(bool acc, int K, const float* A, int lda, const float* B, int ldb, float* C,
                              int ldc) {
   vfloat c[R][NV];
@@ -131,7 +146,7 @@ static inline void gemm_rows(bool acc, int K, const float* A, int lda, const flo
     vfloat b[NV];
     for (int v = 0; v < NV; ++v) b[v] = vload(B + int64_t(k) * ldb + v * kVecLen);
     for (int r = 0; r < R; ++r) {
-      const vfloat a = vsplat(A[r * lda + k]);
+      const vfloat a = vsplat(TA ? A[int64_t(k) * lda + r] : A[r * lda + k]);
       for (int v = 0; v < NV; ++v) c[r][v] += a * b[v];
     }
   }
@@ -139,20 +154,27 @@ static inline void gemm_rows(bool acc, int K, const float* A, int lda, const flo
     for (int v = 0; v < NV; ++v) vstore(C + r * ldc + v * kVecLen, c[r][v]);
 }
 
-template <int NV>
+template <int NV, bool TA>
 static void gemm_nv(bool acc, int M, int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc) {
   constexpr int R = NV <= 4 ? 16 / NV : (NV <= 8 ? 2 : 1);
+  auto a_at = [&](int i) { return TA ? A + i : A + int64_t(i) * lda; };
   int i = 0;
-  for (; i + R <= M; i += R) gemm_rows<NV, R>(acc, K, A + int64_t(i) * lda, lda, B, ldb, C + int64_t(i) * ldc, ldc);
-  for (; i < M; ++i) gemm_rows<NV, 1>(acc, K, A + int64_t(i) * lda, lda, B, ldb, C + int64_t(i) * ldc, ldc);
+  for (; i + R <= M; i += R) gemm_rows<NV, R, TA>(acc, K, a_at(i), lda, B, ldb, C + int64_t(i) * ldc, ldc);
+  for (; i < M; ++i) gemm_rows<NV, 1, TA>(acc, K, a_at(i), lda, B, ldb, C + int64_t(i) * ldc, ldc);
 }
 
-void gemm(int nv, bool accumulate, int M, int K, const float* A, int lda, const float* B, int ldb, float* C,
-          int ldc) {
+template <int NV>
+static void gemm_nv(bool acc, bool ta, int M, int K, const float* A, int lda, const float* B, int ldb, float* C,
+                    int ldc) {
+  ta ? gemm_nv<NV, true>(acc, M, K, A, lda, B, ldb, C, ldc) : gemm_nv<NV, false>(acc, M, K, A, lda, B, ldb, C, ldc);
+}
+
+void gemm(int nv, bool accumulate, bool trans_a, int M, int K, const float* A, int lda, const float* B, int ldb,
+          float* C, int ldc) {
   switch (nv) {
 #define ERNIE_GEMM_CASE(N) \
   case N:                  \
-    return gemm_nv<N>(accumulate, M, K, A, lda, B, ldb, C, ldc);
+    return gemm_nv<N>(accumulate, trans_a, M, K, A, lda, B, ldb, C, ldc);
     ERNIE_GEMM_CASE(1)
     ERNIE_GEMM_CASE(2)
     ERNIE_GEMM_CASE(3)

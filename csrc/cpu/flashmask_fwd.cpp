@@ -11,28 +11,10 @@ namespace ernie_cpu {
 namespace {
 
 struct FwdWorkspace {
-  std::vector<float> q, kt, v, s, acc, m, l;
+  std::vector<float> q, v, s, acc, m, l;
   explicit FwdWorkspace(int dp)
-      : q(kBlockM * dp), kt(dp * kBlockN), v(kBlockN * dp), s(kBlockM * kBlockN), acc(kBlockM * dp),
-        m(kBlockM), l(kBlockM) {}
+      : q(kBlockM * dp), v(kBlockN * dp), s(kBlockM * kBlockN), acc(kBlockM * dp), m(kBlockM), l(kBlockM) {}
 };
-
-// Loads `n` rows of a [.., D] head slice (row stride ld) into dst[n][dp], scaled; zero padding.
-template <class T>
-void load_tile(const T* src, int64_t ld, int n, int rows_pad, int D, int dp, float scale, float* dst) {
-  for (int r = 0; r < n; ++r) load_row(src + r * ld, dst + r * dp, D, dp, scale);
-  std::fill(dst + int64_t(n) * dp, dst + int64_t(rows_pad) * dp, 0.f);
-}
-
-// Same, transposed: dst[dp][cols_pad] with dst[d][r] = src[r][d].
-template <class T>
-void load_tile_t(const T* src, int64_t ld, int n, int cols_pad, int D, int dp, float* dst) {
-  std::fill(dst, dst + int64_t(dp) * cols_pad, 0.f);
-  for (int r = 0; r < n; ++r) {
-    const T* row = src + r * ld;
-    for (int d = 0; d < D; ++d) dst[d * cols_pad + r] = to_float(row[d]);
-  }
-}
 
 // Online-softmax update of rows [0, nr) with the scores of one tile (in place -> probabilities).
 // Returns nothing; rows whose tile scores are all -inf get p = 0 and keep their running state.
@@ -69,13 +51,14 @@ void softmax_update(float* s, int nr, int dp, float* m, float* l, float* acc) {
 }
 
 template <class T>
-void fwd_task(const FlashMaskParams& p, const ColumnMask& cm, int b, int h, int rb, FwdWorkspace& w) {
+void fwd_task(const FlashMaskParams& p, const ColumnMask& cm, const TransposedKV& kv, int b, int h, int rb,
+              FwdWorkspace& w) {
   const int dp = round_up16(p.D), nvd = dp / kVecLen;
   const int hk = h / (p.Hq / p.Hkv);
   const int bm = b * p.idx_heads + (p.idx_heads == 1 ? 0 : hk);
   const int r0 = rb * kBlockM, nr = std::min(kBlockM, p.S - r0);
   const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0] + r0 * p.q_stride[1] + h * p.q_stride[2];
-  const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[2];
+  const float* kt = kv.k(b, hk, p.Hkv);
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[2];
   load_tile(q, p.q_stride[1], nr, kBlockM, p.D, dp, p.scale * kLog2e, w.q.data());
   std::fill(w.m.begin(), w.m.end(), -kInf);
@@ -85,12 +68,11 @@ void fwd_task(const FlashMaskParams& p, const ColumnMask& cm, int b, int h, int 
     const TileKind kind = cm.classify(bm, r0, r0 + nr, cb);
     if (kind == TileKind::kMasked) continue;
     const int c0 = cb * kBlockN, nc = std::min(kBlockN, p.S - c0);
-    load_tile_t(k + c0 * p.k_stride[1], p.k_stride[1], nc, kBlockN, p.D, dp, w.kt.data());
     load_tile(v + c0 * p.v_stride[1], p.v_stride[1], nc, kBlockN, p.D, dp, 1.0f, w.v.data());
-    gemm(kBlockN / kVecLen, false, nr, dp, w.q.data(), dp, w.kt.data(), kBlockN, w.s.data(), kBlockN);
-    if (kind == TileKind::kPartial) mask_tile(w.s.data(), nr, r0, c0, cm, bm, false);
+    gemm(kBlockN / kVecLen, false, false, nr, dp, w.q.data(), dp, kt + c0, kv.s_pad, w.s.data(), kBlockN);
+    if (kind == TileKind::kPartial) mask_tile(w.s.data(), nr, r0, c0, cm, bm);
     softmax_update(w.s.data(), nr, dp, w.m.data(), w.l.data(), w.acc.data());
-    gemm(nvd, true, nr, kBlockN, w.s.data(), kBlockN, w.v.data(), dp, w.acc.data(), dp);
+    gemm(nvd, true, false, nr, kBlockN, w.s.data(), kBlockN, w.v.data(), dp, w.acc.data(), dp);
   }
   T* out = static_cast<T*>(p.out) + b * p.o_stride[0] + r0 * p.o_stride[1] + h * p.o_stride[2];
   float* lse = p.lse + (int64_t(b) * p.Hq + h) * p.S + r0;
@@ -106,6 +88,7 @@ void fwd_task(const FlashMaskParams& p, const ColumnMask& cm, int b, int h, int 
 
 void flashmask_fwd(const FlashMaskParams& p) {
   const ColumnMask cm(p);
+  const TransposedKV kv(p);
   const int nrb = (p.S + kBlockM - 1) / kBlockM;
   const int64_t tasks = int64_t(p.B) * p.Hq * nrb;
   dispatch_dtype(p.dtype, [&](auto tag) {
@@ -117,7 +100,7 @@ void flashmask_fwd(const FlashMaskParams& p) {
 #pragma omp for schedule(dynamic, 1)
       for (int64_t t = tasks - 1; t >= 0; --t) {
         const int rb = int(t % nrb), h = int((t / nrb) % p.Hq), b = int(t / (int64_t(nrb) * p.Hq));
-        fwd_task<T>(p, cm, b, h, rb, w);
+        fwd_task<T>(p, cm, kv, b, h, rb, w);
       }
     }
   });
