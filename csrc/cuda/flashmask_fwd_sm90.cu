@@ -84,6 +84,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const FlashMaskParams 
   const Elem* v = static_cast<const Elem*>(p.v) + b * p.v_stride[0] + hkv * p.v_stride[2];
   load_tile<kBM, SmemLayoutQ, false>(sm.q, q + r0 * p.q_stride[1], p.q_stride[1], p.S - r0);
   auto load_kv = [&](int t, int stage) {
+    const int c0 = live[t] * kBN;
     load_tile<kBN, SmemLayoutK, false>(sm.k[stage], k + c0 * p.k_stride[1], p.k_stride[1], p.S - c0);
     load_tile<kBN, SmemLayoutVt, true>(sm.v[stage], v + c0 * p.v_stride[1], p.v_stride[1], p.S - c0);
     for (int i = threadIdx.x; i < 4 * kBN; i += kThreads) sm.spans[stage][i / kBN][i % kBN] = spans[(i / kBN) * p.s_pad + c0 + i % kBN];
