@@ -1,0 +1,200 @@
+"""LoRA adapters on a plain model (ernie_reference §6): `apply_lora(model, rank=..., ...)`.
+
+Every attention and FFN linear gets `y = x Wᵀ + scaling · (x Aᵀ) Bᵀ` with A [r, in] (Kaiming-uniform,
+a=√5) and B [out, r] (zeros), PEFT's [out, in] layout. ERNIEKit trains one adapter on the fused
+q|k|v weight and one on gate|up; on our split linears that is the same function when q/k/v (and
+gate/up) share one A and each keeps its rows of B, so that is what `share_fused=True` builds (one A
+Parameter held by the sibling modules). Base weights stay where they are, under their own names
+(`...q_proj.weight`), frozen; adapters add `...q_proj.lora_A` / `...lora_B`.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Leaf names of the linears that get adapters: HF split names and our fused ones (fuse_linear),
+# for dense layers and MoE experts alike. The router (`mlp.gate`), embeddings, norms and the LM
+# head never match.
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "up_gate_proj")
+# Siblings that share the leader's A (ERNIEKit's fused q|k|v and gate|up adapters).
+SHARED_A = {"q_proj": ("k_proj", "v_proj"), "gate_proj": ("up_proj",)}
+FOLLOWER_OF = {f: lead for lead, fs in SHARED_A.items() for f in fs}
+# Row order of our fused linears, in HF split names.
+FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "up_gate_proj": ("gate_proj", "up_proj")}
+
+
+def resolve_alpha(rank: int, alpha: float, rslora: bool) -> float:
+    """lora_alpha -1 means 2r (4 with rsLoRA), ERNIEKit's default."""
+    if alpha == -1:
+        return 4.0 if rslora else 2.0 * rank
+    return float(alpha)
+
+
+def lora_scaling(rank: int, alpha: float, rslora: bool) -> float:
+    """alpha/r, or alpha/√r with rsLoRA (keeps the update's scale stable as r grows)."""
+    alpha = resolve_alpha(rank, alpha, rslora)
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+@dataclass
+class LoraSpec:
+    """What was applied: enough to write adapter_config.json and to check a loaded adapter."""
+
+    rank: int
+    alpha: float  # resolved (never -1)
+    rslora: bool
+    share_fused: bool
+    modules: list[str] = field(default_factory=list)  # full names of the wrapped linears
+
+    @property
+    def scaling(self) -> float:
+        return lora_scaling(self.rank, self.alpha, self.rslora)
+
+
+class LoRALinear(nn.Linear):
+    """nn.Linear (same `weight`/`bias` Parameters, frozen) plus a trainable low-rank update.
+
+    lora_A [r, in] and lora_B [out, r] are kept in fp32 whatever the base dtype: they are the only
+    trained weights, and the optimizer updates them in place.
+    """
+
+    def __init__(self, *args, **kwargs):  # built through `wrap`, never directly
+        raise TypeError("use LoRALinear.wrap(linear, rank, scaling)")
+
+    @classmethod
+    def wrap(cls, linear: nn.Linear, rank: int, scaling: float, lora_A: nn.Parameter | None = None) -> "LoRALinear":
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self.rank, self.scaling = rank, float(scaling)
+        self.enabled = True
+        dev = linear.weight.device
+        if lora_A is None:
+            lora_A = nn.Parameter(torch.empty(rank, linear.in_features, device=dev, dtype=torch.float32))
+            # PEFT's and PaddleFormers' init: bound 1/sqrt(in) for A; B = 0 so training starts at the base.
+            nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+        self.lora_A = lora_A
+        self.lora_B = nn.Parameter(torch.zeros(linear.out_features, rank, device=dev, dtype=torch.float32))
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if not self.enabled:
+            return y
+        # Scale the [T, r] intermediate rather than the [T, out] result: r << out.
+        h = F.linear(x.to(self.lora_A.dtype) if not torch.is_autocast_enabled(x.device.type) else x, self.lora_A)
+        return y + F.linear(h * self.scaling, self.lora_B).to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling · B A in fp32, [out, in]: what merging adds to `weight`."""
+        return self.scaling * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rank={self.rank}, scaling={self.scaling:.4g}"
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def natural_key(name: str) -> list:
+    """Sort key that puts layers.10 after layers.9."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    parent, _, leaf = name.rpartition(".")
+    return parent, leaf
+
+
+def apply_lora(model: nn.Module, *, rank: int, alpha: float = -1, rslora: bool = False, share_fused: bool = True,
+               base_dtype: torch.dtype | None = None, targets=TARGETS) -> LoraSpec:
+    """Freeze `model`, cast its (frozen) weights to `base_dtype` if given, and replace every target
+    linear by a LoRALinear in place. Returns the LoraSpec (also stored as `model.lora_spec`).
+
+    Adapter init uses the global torch RNG (seeded by the trainer), leaders before followers.
+    """
+    if rank < 1:
+        raise ValueError(f"lora rank must be >= 1, got {rank}")
+    if lora_modules(model):
+        raise ValueError("model already has LoRA adapters")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if base_dtype is not None:
+        model.to(base_dtype)
+    spec = LoraSpec(rank, resolve_alpha(rank, alpha, rslora), rslora, share_fused)
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and _split_name(n)[1] in targets]
+    # Leaders (and unshared linears) first, so a follower finds its leader's A already made.
+    found.sort(key=lambda nm: _split_name(nm[0])[1] in FOLLOWER_OF)
+    modules = dict(model.named_modules())
+    for name, linear in found:
+        parent, leaf = _split_name(name)
+        shared = None
+        if share_fused and leaf in FOLLOWER_OF:
+            leader = modules.get(f"{parent}.{FOLLOWER_OF[leaf]}" if parent else FOLLOWER_OF[leaf])
+            shared = leader.lora_A if isinstance(leader, LoRALinear) else None
+        wrapped = LoRALinear.wrap(linear, rank, spec.scaling, lora_A=shared)
+        setattr(modules[parent] if parent else model, leaf, wrapped)
+        modules[name] = wrapped
+        spec.modules.append(name)
+    if not spec.modules:
+        raise ValueError(f"no linear named one of {', '.join(targets)} found: nothing to adapt")
+    spec.modules.sort(key=natural_key)
+    model.lora_spec = spec
+    return spec
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """The base model: every adapter off inside the block (LoRA DPO's reference model, §7.4)."""
+    mods = list(lora_modules(model).values())
+    states = [m.enabled for m in mods]
+    for m in mods:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m, s in zip(mods, states):
+            m.enabled = s
+
+
+def lora_plus_multiplier(lora_plus_scale: float):
+    """LoRA+ (§6): a learning-rate multiplier on the B matrices only; for train.optim.param_groups."""
+    def multiplier(name: str) -> float:
+        return float(lora_plus_scale) if name.endswith("lora_B") else 1.0
+
+    return multiplier
+
+
+def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{"<module>.lora_A" | "<module>.lora_B": tensor} for every adapter, shared A's repeated per
+    module (the form `peft_format` writes and `merge` reads)."""
+    out = {}
+    for name, m in lora_modules(model).items():
+        out[f"{name}.lora_A"] = m.lora_A.detach()
+        out[f"{name}.lora_B"] = m.lora_B.detach()
+    return out
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight (W += scaling·BA, in fp32) and put plain nn.Linear
+    modules back; the model is then an ordinary, adapter-free model."""
+    modules = dict(model.named_modules())
+    for name, m in lora_modules(model).items():
+        merged = (m.weight.float() + m.delta_weight().to(m.weight.device)).to(m.weight.dtype)
+        linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        linear.weight = nn.Parameter(merged, requires_grad=False)
+        linear.bias = m.bias
+        parent, leaf = _split_name(name)
+        setattr(modules[parent] if parent else model, leaf, linear)
+    if hasattr(model, "lora_spec"):
+        del model.lora_spec
+    return model
