@@ -44,45 +44,9 @@ def _close(name, x, ref, tol):
 
 
 def _mask_indices(mode, B, S, Hm, gen):
-    """int32 [B, Hm, S, n] for each §5.3 mode, with random document/answer boundaries."""
-    import torch
+    from ernie_core.ops.triton._mask import example_indices
 
-    def cuts(k):
-        return sorted(torch.randperm(S - 2, generator=gen)[:k].add(1).tolist())
-
-    out = []
-    for _ in range(B * Hm):
-        if mode == "causal_doc":  # n=1: documents, then pad columns (start_row = j)
-            pad = int(torch.randint(0, 4, (1,), generator=gen))
-            bounds = [0] + cuts(3) + [S - pad]
-            bounds = sorted(set(b for b in bounds if b <= S - pad))
-            lts = list(range(S))
-            for a, b in zip(bounds, bounds[1:]):
-                lts[a:b] = [b] * (b - a)
-            out.append(torch.tensor(lts).view(S, 1))
-        elif mode == "share_prompt":  # n=2: prompt, two answers that do not see each other, summary row
-            p, a1 = sorted(cuts(2))
-            lts = [S] * p + [a1] * (a1 - p) + [S] * (S - a1)
-            lte = [S] * p + [S - 1] * (a1 - p) + [S] * (S - a1)
-            out.append(torch.tensor([lts, lte]).t())
-        elif mode == "prefix_lm":  # bidirectional n=2: LTS = S, UTE = prefix for j >= prefix
-            pre = cuts(1)[0]
-            ute = [0] * pre + list(range(pre, S))
-            out.append(torch.tensor([[S] * S, ute]).t())
-        elif mode == "global_docs":  # bidirectional n=4: token 0 global, two bidirectional docs
-            m = cuts(1)[0]
-            lts = [S] + [m] * (m - 1) + [S] * (S - m)
-            lte = [S] * S
-            uts = [0] + [1] * (S - 1)
-            ute = [0] + [1] * (m - 1) + [m] * (S - m)
-            out.append(torch.tensor([lts, lte, uts, ute]).t())
-        elif mode == "random4":  # arbitrary spans, incl. empty and fully masked rows
-            a = torch.randint(0, S + 1, (S, 4), generator=gen)
-            out.append(a)
-        else:
-            raise ValueError(mode)
-    idx = torch.stack(out).view(B, Hm, S, -1)
-    return idx.to(torch.int32).contiguous()
+    return example_indices(mode, B, S, Hm, gen)
 
 
 ATTN_CASES = {

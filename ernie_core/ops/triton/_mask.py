@@ -116,3 +116,60 @@ def build_plan(idx, causal: bool, S: int, batch: int, device, block_m: int, bloc
         plan.kinds_t = kt
         plan.rows, plan.n_rows = _compact(kt)
     return plan
+
+
+# ---- masks for tests and benchmarks -------------------------------------------------------------
+
+def allowed_pairs(idx: torch.Tensor | None, causal: bool, S: int, batch: int = 1) -> torch.Tensor:
+    """Number of (row, column) pairs that may attend, per [B, Hm]: the work FLOP counts use.
+    Exact, from the column spans (lower and upper spans are disjoint), without an [S, S] mask."""
+    spans = column_spans(idx, causal, S, S, batch, idx.device if idx is not None else "cpu").to(torch.int64)
+    ls, le, us, ue = spans.unbind(2)
+
+    def length(a, b):
+        return (b.clamp(0, S) - a.clamp(0, S)).clamp_min(0)
+
+    return (S - length(ls, le) - length(us, ue)).sum(-1)
+
+
+def example_indices(mode: str, B: int, S: int, Hm: int = 1, generator: torch.Generator | None = None,
+                    n_docs: int = 4) -> torch.Tensor:
+    """int32 [B, Hm, S, n] FlashMask indices of one §5.3 mode with random boundaries.
+
+    causal_doc (n=1): documents then 0-3 pad columns; share_prompt (n=2): prompt, two answers that
+    do not see each other, the rest; prefix_lm (bidirectional n=2); global_docs (bidirectional n=4:
+    token 0 global, two documents); random4 (bidirectional n=4, arbitrary, incl. fully masked rows).
+    """
+    gen = generator or torch.Generator().manual_seed(0)
+
+    def cuts(k):
+        return sorted(torch.randperm(S - 2, generator=gen)[:k].add(1).tolist())
+
+    out = []
+    for _ in range(B * Hm):
+        if mode == "causal_doc":
+            pad = int(torch.randint(0, 4, (1,), generator=gen))
+            bounds = sorted(set([0] + [c for c in cuts(n_docs - 1) if c < S - pad] + [S - pad]))
+            lts = list(range(S))
+            for a, b in zip(bounds, bounds[1:]):
+                lts[a:b] = [b] * (b - a)
+            out.append(torch.tensor(lts).view(S, 1))
+        elif mode == "share_prompt":
+            p, a1 = cuts(2)
+            lts = [S] * p + [a1] * (a1 - p) + [S] * (S - a1)
+            lte = [S] * p + [S - 1] * (a1 - p) + [S] * (S - a1)
+            out.append(torch.tensor([lts, lte]).t())
+        elif mode == "prefix_lm":
+            pre = cuts(1)[0]
+            out.append(torch.tensor([[S] * S, [0] * pre + list(range(pre, S))]).t())
+        elif mode == "global_docs":
+            m = cuts(1)[0]
+            lts = [S] + [m] * (m - 1) + [S] * (S - m)
+            uts = [0] + [1] * (S - 1)
+            ute = [0] + [1] * (m - 1) + [m] * (S - m)
+            out.append(torch.tensor([lts, [S] * S, uts, ute]).t())
+        elif mode == "random4":
+            out.append(torch.randint(0, S + 1, (S, 4), generator=gen))
+        else:
+            raise ValueError(f"unknown mask mode {mode!r}")
+    return torch.stack(out).view(B, Hm, S, -1).to(torch.int32).contiguous()
