@@ -1,0 +1,164 @@
+"""Generate the embedded default run's assets (deterministic; the outputs are committed).
+
+    python examples/make_assets.py [ROOT]   # rewrites ROOT/data/* and ROOT/tiny_model/* (ROOT: examples/)
+
+Data: short algorithmic tasks with character-level answers that a 4-layer, hidden-128 model learns
+in a few CPU minutes (uppercase, repeat, reversal and first letter of 3-letter words, next/previous
+letter, single-digit sums; the alpaca source adds lowercase and last letter). Held-out eval rows use words
+never seen in training, so exact-match accuracy on them measures more than memorisation (the
+closed-set tasks - letters, digit sums - necessarily repeat facts seen in training).
+Tokenizer: byte-level (256 byte tokens, no merges) plus ERNIE's special tokens, so every answer
+character is one token. Model: ERNIE-4.5-shaped config.json with transformers' ernie4_5 keys.
+"""
+from __future__ import annotations
+
+import json
+import random
+import string
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SEED = 1234
+
+# Ids 0/1/2 are pad+unk / bos / eos as in ERNIE 4.5; sep sits before cls as in the real vocabulary.
+SPECIALS = ["<unk>", "<s>", "</s>", "<|end_of_sentence|>", "<|begin_of_sentence|>",
+            "<mask:1>", "<mask:4>", "<mask:5>", "<mask:6>", "<mask:7>"]
+SYSTEMS = ["Answer with the result only.", "You are a careful assistant.", "Be brief."]
+LETTERS = string.ascii_lowercase
+
+# The §2 template as Jinja, so transformers' apply_chat_template renders what ernie_core renders.
+CHAT_TEMPLATE = (
+    "{{- cls_token -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{- message['content'] + '\n' -}}"
+    "{%- elif message['role'] == 'user' -%}{{- 'User: ' + message['content'] + '\n' -}}"
+    "{%- elif message['role'] == 'assistant' -%}{{- 'Assistant: ' + message['content'] + sep_token -}}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'Assistant: ' -}}{%- endif -%}"
+)
+
+
+def word_pools(rng: random.Random, n_train: int, n_eval: int):
+    """Disjoint pools of random 3-letter words. A fixed length puts every answer character at a
+    fixed distance from its source character, which a tiny model finds in a few hundred steps;
+    variable lengths need a content-based lookup that takes it far longer."""
+    words = sorted({"".join(rng.choice(LETTERS) for _ in range(3)) for _ in range(4 * (n_train + n_eval))})
+    rng.shuffle(words)
+    return words[:n_train], words[n_train:n_train + n_eval]
+
+
+def make_task(rng: random.Random, words) -> tuple[str, str]:
+    """One (question, answer) pair of a random task."""
+    kind = rng.choice(["upper", "repeat", "next", "prev", "first", "reverse", "sum"])
+    w = rng.choice(words)
+    if kind == "upper":
+        return f"Uppercase: {w}", w.upper()
+    if kind == "repeat":
+        return f"Repeat: {w}", w
+    if kind == "next":
+        c = rng.choice(LETTERS[:-1])
+        return f"Next letter after {c}?", chr(ord(c) + 1)
+    if kind == "prev":
+        c = rng.choice(LETTERS[1:])
+        return f"Letter before {c}?", chr(ord(c) - 1)
+    if kind == "first":
+        return f"First letter of {w}?", w[0]
+    if kind == "reverse":
+        return f"Reverse: {w}", w[::-1]
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    return f"Sum: {a}+{b}", str(a + b)
+
+
+def erniekit_row(rng: random.Random, words, multi_turn_p: float) -> dict:
+    turns = rng.choice([2, 3]) if rng.random() < multi_turn_p else 1
+    pairs = [make_task(rng, words) for _ in range(turns)]
+    row = {"src": [q for q, _ in pairs], "tgt": [a for _, a in pairs]}
+    if turns > 1 and rng.random() < 0.3:  # first turn as context only
+        row["label"] = [0] + [1] * (turns - 1)
+    if rng.random() < 0.25:
+        row["system"] = rng.choice(SYSTEMS)
+    elif rng.random() < 0.03:  # ERNIEKit's is_system form: src[0] is the system prompt
+        row = {"src": [rng.choice(SYSTEMS)] + row["src"], "tgt": [""] + row["tgt"], "is_system": 1}
+    if turns == 1 and "label" not in row and "is_system" not in row and rng.random() < 0.5:
+        row = {**row, "src": row["src"][0], "tgt": row["tgt"][0]}  # plain-string form
+    return row
+
+
+def alpaca_row(rng: random.Random, words) -> dict:
+    w = rng.choice(words)
+    if rng.random() < 0.5:
+        row = {"instruction": "Lowercase: ", "input": w.upper(), "output": w}
+    else:
+        row = {"instruction": f"Last letter of {w}?", "input": "", "output": w[-1]}
+    if rng.random() < 0.2:
+        row["system"] = rng.choice(SYSTEMS)
+    return row
+
+
+def write_data(rng: random.Random, root: Path) -> list[str]:
+    train_words, eval_words = word_pools(rng, n_train=1500, n_eval=300)
+    data = root / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    train = [erniekit_row(rng, train_words, 0.15) for _ in range(3000)]
+    evals = [erniekit_row(rng, eval_words, 0.1) for _ in range(200)]
+    alpaca = [alpaca_row(rng, train_words) for _ in range(400)]
+    for name, rows in (("sft-train.jsonl", train), ("sft-eval.jsonl", evals)):
+        (data / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # One element per line, so DataError line numbers point at the element.
+    (data / "alpaca-train.json").write_text("[\n" + ",\n".join(json.dumps(r) for r in alpaca) + "\n]\n")
+    texts = []
+    for r in train + alpaca:
+        texts += [str(v) for v in r.values() if isinstance(v, str)]
+        texts += [s for v in r.values() if isinstance(v, list) for s in v if isinstance(s, str)]
+    return texts
+
+
+def write_tokenizer(texts: list[str], model_dir: Path) -> int:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    # vocab = specials + the 256 byte symbols exactly: no merges, one token per character.
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=len(SPECIALS) + len(alphabet), special_tokens=SPECIALS,
+                                  initial_alphabet=alphabet, show_progress=False)
+    tk.train_from_iterator(texts, trainer)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tk.save(str(model_dir / "tokenizer.json"))
+    roles = {"unk_token": "<unk>", "pad_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>",
+             "cls_token": "<|begin_of_sentence|>", "sep_token": "<|end_of_sentence|>", "mask_token": "<mask:1>",
+             "additional_special_tokens": SPECIALS[6:]}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **roles, "add_bos_token": False,
+              "add_eos_token": False, "clean_up_tokenization_spaces": False, "model_max_length": 4096,
+              "chat_template": CHAT_TEMPLATE}
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (model_dir / "special_tokens_map.json").write_text(json.dumps(roles, indent=2) + "\n")
+    return tk.get_vocab_size(with_added_tokens=True)
+
+
+def write_model_config(tokenizer_size: int, model_dir: Path) -> None:
+    vocab = -(-tokenizer_size // 64) * 64  # round up to a multiple of 64 (kernel-friendly shapes)
+    config = {
+        "architectures": ["Ernie4_5ForCausalLM"], "model_type": "ernie4_5",
+        "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+        "hidden_act": "silu", "vocab_size": vocab, "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+        "rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"},
+        "initializer_range": 0.02, "tie_word_embeddings": True, "use_bias": False, "use_cache": True,
+        "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "dtype": "float32",
+    }
+    (model_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def main(root: Path = HERE) -> None:
+    """Write data/ and tiny_model/ under `root` (default: this examples/ folder)."""
+    rng = random.Random(SEED)
+    texts = write_data(rng, Path(root))
+    write_model_config(write_tokenizer(texts, Path(root) / "tiny_model"), Path(root) / "tiny_model")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else HERE)
