@@ -76,11 +76,6 @@ class ParallelContext:
     @classmethod
     def from_config(cls, cfg, *, rank: int = 0, world_size: int = 1, device=None) -> "ParallelContext":
         dims = dims_from_config(cfg, world_size)
-        if world_size == 1 and (cfg.dist.tensor_parallel_degree > 1 or cfg.dist.pipeline_parallel_degree > 1):
-            raise ConfigError(
-                f"tensor_parallel_degree={cfg.dist.tensor_parallel_degree} x pipeline_parallel_degree="
-                f"{cfg.dist.pipeline_parallel_degree} needs that many processes; launch with "
-                f"`torchrun --nproc-per-node {dims.tp * dims.pp} -m ernie_core.train CONFIG.yaml ...`")
         return cls(dims, options_from_config(cfg), rank=rank, device=device)
 
     # ------------------------------------------------------------------ coordinates

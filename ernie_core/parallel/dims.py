@@ -55,6 +55,10 @@ def resolve_dims(world_size: int, *, tensor_parallel_degree: int = 1, pipeline_p
     """
     tp, pp = max(1, tensor_parallel_degree), max(1, pipeline_parallel_degree)
     stage = parse_sharding_stage(sharding)
+    if world_size < tp * pp:
+        raise ConfigError(f"tensor_parallel_degree={tp} x pipeline_parallel_degree={pp} needs {tp * pp} processes, this "
+                          f"run has {world_size}; launch with `torchrun --nproc-per-node {tp * pp} -m ernie_core.train "
+                          "CONFIG.yaml ...` (or a multiple of it for data parallelism)")
     launch = f"launch with `torchrun --nproc-per-node N -m ernie_core.train ...` where N is a multiple of {tp * pp}"
     if world_size % (tp * pp):
         raise ConfigError(f"tensor_parallel_degree={tp} x pipeline_parallel_degree={pp} = {tp * pp} does not divide "

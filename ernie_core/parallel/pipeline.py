@@ -251,6 +251,7 @@ class PipelineRunner:
                                losses=losses if self.has_last else None, return_outputs=False,
                                position_ids=batch["position_ids"],
                                attn_mask_startend_row_indices=batch["attn_mask_startend_row_indices"])
+        self.match_grad_layouts()
         self.sync_tied_grads()
         value = torch.zeros((), dtype=torch.float32, device=self.device)
         if self.has_last:
@@ -261,6 +262,17 @@ class PipelineRunner:
         return float(value)
 
     @torch.no_grad()
+    def match_grad_layouts(self) -> None:
+        """Give every DTensor gradient its parameter's placements. The schedule's backward can leave
+        e.g. the vocab-parallel embedding's gradient replicated; re-sharding it is a local slice."""
+        from torch.distributed.tensor import DTensor
+
+        for p in self.model.parameters():
+            g = p.grad
+            if isinstance(p, DTensor) and isinstance(g, DTensor) and g.placements != p.placements:
+                p.grad = g.redistribute(p.device_mesh, p.placements)
+
+    @torch.no_grad()
     def sync_tied_grads(self) -> None:
         """Tied embedding: both copies (first and last stage) get the sum of their gradients."""
         if self.tied_group is None:
@@ -269,7 +281,6 @@ class PipelineRunner:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         from .tensor_parallel import _local
-
         dist.all_reduce(_local(p.grad), group=self.tied_group)
 
     @torch.no_grad()
