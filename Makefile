@@ -16,6 +16,9 @@ $(VENV)/.deps: requirements.txt
 
 $(VENV)/.test-deps: $(VENV)/.deps requirements-test.txt
 	$(PIP) install -r requirements-test.txt
+	# CUTLASS/CuTe headers for the sm_90a compile checks; --no-deps: only the headers are needed,
+	# not the wheel's Python tooling (scipy, cuda-python, ...).
+	$(PIP) install --no-deps nvidia-cutlass==4.2.0.0
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(EXT_SOURCES)
