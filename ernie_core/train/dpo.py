@@ -1,12 +1,17 @@
-"""Preference losses of DPO and its relatives (ernie_reference §7.1-§7.3) as plain tensor functions.
+"""DPO (ernie_reference §7): the preference losses as plain tensor functions, the packed-pair
+log-probs, and DPOObjective (data + loss for the trainer).
 
-Inputs are per-pair summed token log-probs (fp32), shape [N]. Everything here is elementwise over
+Loss inputs are per-pair summed token log-probs (fp32), shape [N]. Everything is elementwise over
 pairs except `kto_pair`, whose KL terms are means over the N pairs given.
 """
 from __future__ import annotations
 
+import copy
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "dpop", "kto_pair", "sppo_hard", "nca_pair", "or", "orpo")
 # These compare per-token means π/L instead of sums (§7.1).
@@ -102,3 +107,178 @@ def rewards(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: floa
         rr = beta * (policy_rejected - (0.0 if ref_rejected is None else ref_rejected))
         return {"rewards/chosen": float(rc.mean()), "rewards/rejected": float(rr.mean()),
                 "rewards/accuracy": float((rc > rr).float().mean()), "rewards/margin": float((rc - rr).mean())}
+
+
+# ---- log-probs --------------------------------------------------------------------------------------
+def _token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) per row of hidden [N, H] under the LM head [V, H], softmax in fp32."""
+    logits = F.linear(hidden, weight).float()
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+    """[N] fp32 token log-probs. With chunk > 0 the head runs `chunk` rows at a time and, under
+    autograd, recomputes each chunk's logits in backward, so [N, V] logits never exist at once."""
+    n = hidden.shape[0]
+    if chunk <= 0 or n <= chunk:
+        return _token_logps(hidden, weight, targets)
+    parts = []
+    for lo in range(0, n, chunk):
+        h, t = hidden[lo:lo + chunk], targets[lo:lo + chunk]
+        if torch.is_grad_enabled():
+            parts.append(checkpoint(_token_logps, h, weight, t, use_reentrant=False))
+        else:
+            parts.append(_token_logps(h, weight, t))
+    return torch.cat(parts)
+
+
+def pair_logps(model, batch: dict, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) summed log-probs [num_pairs] of one packed micro-batch: the decoder runs
+    once per row, and only the scored positions (a compact list, the prompt's last position twice)
+    go through the LM head (ernie_reference §4.2 sparse head)."""
+    hidden = model.model(batch["input_ids"], batch["position_ids"], batch["attn_mask_startend_row_indices"])
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    k = int(batch["num_pairs"])
+    rows = flat.index_select(0, torch.cat([batch["chosen_index"], batch["rejected_index"]]))
+    targets = torch.cat([batch["chosen_target"], batch["rejected_target"]])
+    logp = token_logps(rows, model.lm_head.weight, targets, chunk)
+    owner = torch.cat([batch["chosen_pair"], batch["rejected_pair"] + k])
+    sums = torch.zeros(2 * k, dtype=torch.float32, device=logp.device).index_add(0, owner, logp)
+    return sums[:k], sums[k:]
+
+
+def _lengths(batch: dict, side: str) -> torch.Tensor:
+    k = int(batch["num_pairs"])
+    owner = batch[f"{side}_pair"]
+    return torch.zeros(k, dtype=torch.float32, device=owner.device).index_add(
+        0, owner, torch.ones_like(owner, dtype=torch.float32))
+
+
+# ---- objective ------------------------------------------------------------------------------------
+class DPOObjective:
+    """Data and loss of DPO (ernie_reference §4, §7): packed share-prompt pairs, one of the §7.2
+    losses against a reference that is a frozen copy (full DPO), the same model with adapters off
+    (LoRA DPO), or nothing (reference_free)."""
+
+    name = "DPO"
+
+    def __init__(self, *, loss_type="sigmoid", beta=0.1, label_smoothing=0.0, simpo_gamma=0.5, offset_alpha=0.0,
+                 dpop_lambda=50.0, normalize_logps=True, pref_loss_ratio=1.0, sft_loss_ratio=0.0,
+                 reference_free=False, ref_model_update_steps=-1, ref_path=None, ref_dtype=None, head_chunk=0):
+        self.loss_type, self.beta, self.label_smoothing = loss_type, beta, label_smoothing
+        self.simpo_gamma, self.offset_alpha, self.dpop_lambda = simpo_gamma, offset_alpha, dpop_lambda
+        self.normalize_logps, self.pref_loss_ratio, self.sft_loss_ratio = normalize_logps, pref_loss_ratio, sft_loss_ratio
+        # simpo and or/orpo never look at a reference (§7.2): skip its forward.
+        self.reference_free = reference_free or loss_type in ("simpo", "or", "orpo")
+        self.ref_model_update_steps = ref_model_update_steps
+        self.ref_path, self.ref_dtype, self.head_chunk = ref_path, ref_dtype, head_chunk
+        self.ref_model = None  # full DPO: built at the first loss call
+
+    @classmethod
+    def from_config(cls, cfg) -> "DPOObjective":
+        d = cfg.dpo
+        p = cfg.precision
+        ref_dtype = torch.bfloat16 if p.bf16 else (torch.float16 if p.fp16 else None)
+        return cls(loss_type=d.loss_type, beta=d.beta, label_smoothing=d.label_smoothing, simpo_gamma=d.simpo_gamma,
+                       offset_alpha=d.offset_alpha, dpop_lambda=d.dpop_lambda, normalize_logps=d.normalize_logps,
+                       pref_loss_ratio=d.pref_loss_ratio, sft_loss_ratio=d.sft_loss_ratio,
+                       reference_free=d.reference_free, ref_model_update_steps=d.ref_model_update_steps,
+                       ref_path=cfg.basic.model_name_or_path if cfg.basic.continue_training else None,
+                       ref_dtype=ref_dtype, head_chunk=cfg.memory.loss_subbatch_seqlen)
+
+    # -- data
+    def validate(self, cfg, tok) -> None:
+        from ..data.dpo import validate_preference_datasets
+        from ..errors import ConfigError
+
+        d = cfg.dist
+        if d.pipeline_parallel_degree > 1 or d.tensor_parallel_degree > 1:
+            raise ConfigError("stage: DPO runs with data parallelism and sharding only; set "
+                              "tensor_parallel_degree and pipeline_parallel_degree to 1")
+        validate_preference_datasets(cfg)
+
+    def build_stream(self, cfg, tok, *, dp_rank: int, dp_world: int):
+        from ..data.dpo import build_dpo_stream
+
+        return build_dpo_stream(cfg, tok, dp_rank=dp_rank, dp_world=dp_world)
+
+    def build_eval_batches(self, cfg, tok) -> list[dict]:
+        from ..data.dpo import build_dpo_eval_batches
+
+        return build_dpo_eval_batches(cfg, tok)
+
+    def estimate_max_steps(self, cfg, tok) -> int:
+        from ..data.dpo import estimate_dpo_max_steps
+
+        return estimate_dpo_max_steps(cfg, tok)
+
+    # -- reference
+    def _reference(self, model):
+        """The frozen reference of full DPO, in the compute dtype, no grads, never in an optimizer.
+        Its weights come from model_name_or_path (so a resumed run gets the same reference), or,
+        for a freshly initialised policy, from the policy before its first update."""
+        if self.ref_model is None:
+            ref = copy.deepcopy(model)
+            if self.ref_path is not None:
+                from ..models.io import iter_hf_tensors, load_hf_tensors
+
+                load_hf_tensors(ref, iter_hf_tensors(Path(self.ref_path), ref.config), self.ref_path)
+            for p in ref.parameters():
+                p.requires_grad_(False)
+                p.grad = None
+            if self.ref_dtype is not None:
+                ref.to(self.ref_dtype)
+            self.ref_model = ref.eval()
+        return self.ref_model
+
+    @torch.no_grad()
+    def reference_logps(self, model, batch: dict):
+        if self.reference_free:
+            return None, None
+        from ..peft import adapters_disabled, lora_modules
+
+        if lora_modules(model):  # LoRA DPO: the base is the reference (§7.4), no second copy
+            was_training = model.training
+            model.eval()
+            try:
+                with adapters_disabled(model):
+                    return pair_logps(model, batch, self.head_chunk)
+            finally:
+                model.train(was_training)
+        return pair_logps(self._reference(model), batch, self.head_chunk)
+
+    # -- loss
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        """pref_loss_ratio · mean per-pair loss + sft_loss_ratio · chosen-token NLL (§7.1-§7.2);
+        metrics: rewards/{chosen,rejected,accuracy,margin}, logps/{chosen,rejected}."""
+        ref_c, ref_r = self.reference_logps(model, batch)
+        pol_c, pol_r = pair_logps(model, batch, self.head_chunk)
+        len_c, len_r = _lengths(batch, "chosen"), _lengths(batch, "rejected")
+        raw_c, raw_r = pol_c, pol_r
+        if self.normalize_logps and self.loss_type not in MEAN_LOGP_TYPES:
+            pol_c, pol_r = length_normalize(pol_c, pol_r, len_c, len_r)
+            if ref_c is not None:
+                ref_c, ref_r = length_normalize(ref_c, ref_r, len_c, len_r)
+        per_pair = preference_loss(pol_c, pol_r, ref_c, ref_r, loss_type=self.loss_type, beta=self.beta,
+                                   label_smoothing=self.label_smoothing, simpo_gamma=self.simpo_gamma,
+                                   offset_alpha=self.offset_alpha, score_delta=batch["score_delta"],
+                                   chosen_lengths=len_c, rejected_lengths=len_r, dpop_lambda=self.dpop_lambda)
+        loss = self.pref_loss_ratio * per_pair.mean()
+        if self.sft_loss_ratio > 0:
+            loss = loss + self.sft_loss_ratio * (-raw_c.sum() / len_c.sum().clamp(min=1))
+        if self.loss_type in MEAN_LOGP_TYPES:  # rewards on the values the loss compared
+            pol_c, pol_r = pol_c / len_c.clamp(min=1), pol_r / len_r.clamp(min=1)
+            if ref_c is not None:
+                ref_c, ref_r = ref_c / len_c.clamp(min=1), ref_r / len_r.clamp(min=1)
+        metrics = rewards(pol_c, pol_r, ref_c, ref_r, self.beta)
+        metrics["logps/chosen"] = float(raw_c.detach().mean())
+        metrics["logps/rejected"] = float(raw_r.detach().mean())
+        return loss, metrics
+
+    def on_step_end(self, trainer) -> None:
+        """ref_model_update_steps = N > 0: the reference becomes a copy of the policy every N steps."""
+        n = self.ref_model_update_steps
+        if n > 0 and self.ref_model is not None and trainer.global_step % n == 0:
+            with torch.no_grad():
+                for r, p in zip(self.ref_model.parameters(), trainer.model.parameters()):
+                    r.copy_(p)
