@@ -11,7 +11,10 @@ one spawned job (module-scoped fixture) and the tests only compare files.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,15 +33,17 @@ REL = 1e-5
 LAYOUTS = {
     "dp2": (2, "ref_accum4", []),
     "tp2": (2, "ref_accum2", ["tensor_parallel_degree=2"]),
-    "tp2_sp": (2, "ref_accum2", ["tensor_parallel_degree=2", "sequence_parallel=true"]),
-    "pp2": (2, "ref_accum2", ["pipeline_parallel_degree=2"]),
+    "tp2_sp": (2, "ref_accum2", ["tensor_parallel_degree=2", "sequence_parallel=true",
+                                 "tensor_parallel_config=sync_param sync_grad sync_moment"]),
+    "pp2": (2, "ref_accum2", ["pipeline_parallel_degree=2", "add_tail_layers=2",  # stages: layers 0-2 | 3 + 2 empty
+                              "pipeline_parallel_config=enable_delay_scale_loss disable_partial_send_recv"]),
     "pp2_vpp2": (2, "ref_accum2", ["pipeline_parallel_degree=2", "virtual_pp_degree=2"]),
-    "stage1": (2, "ref_accum4", ["sharding=stage1"]),
+    "stage1": (2, "ref_accum4", ["sharding=stage1", "sharding_parallel_config=enable_stage1_overlap enable_release_grads"]),
     "stage2": (2, "ref_accum4", ["sharding=stage2"]),
     "stage3": (2, "ref_accum4", ["sharding=stage3"]),
     "tp2_dp2": (4, "ref_accum4", ["tensor_parallel_degree=2"]),
-    "pp2_tp2": (4, "ref_accum2", ["pipeline_parallel_degree=2", "tensor_parallel_degree=2", "save_strategy=steps",
-                                  "save_steps=5"]),
+    "pp2_tp2": (4, "ref_accum2", ["pipeline_parallel_degree=2", "tensor_parallel_degree=2", "pp_seg_method=[0,1,4]",
+                                  "save_strategy=steps", "save_steps=5"]),
 }
 # Resumed from pp2_tp2's checkpoint-5: (processes, overrides); stage3 over 2 ranks halves the
 # accumulation so the global batch stays 2 rows.
@@ -146,3 +151,17 @@ def test_checkpoint_is_layout_independent(runs):
         assert st["exp_avg"].shape == _weights(ck)[name].shape, name
     data = json.loads((ck / "data_state.json").read_text())
     assert data["data_world"] == 1 and data["micro_batches"] == 10
+
+
+def test_torchrun_entry_point_with_distributed_dataloader(runs, tmp_path):
+    """The documented launch: `torchrun --nproc-per-node 2 -m ernie_core.train cfg.yaml tensor_parallel_degree=2`;
+    rank 0 reads the data and scatters it (distributed_dataloader), and only rank 0 writes."""
+    out = tmp_path / "torchrun"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "ernie_core.train", *argv(out, "tensor_parallel_degree=2", "distributed_dataloader=true")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("=== ernie_core run summary ===") == 1  # rank 0 only
+    assert_close_rel(step_losses(out), step_losses(runs / "ref_accum2"), "torchrun tp2 per-step loss")
+    assert_same_model(out, runs / "ref_accum2")
