@@ -22,6 +22,10 @@ def _supports(*tensors):
     )
 
 
+def _flashmask_supports(q, *tensors):
+    return q.shape[-1] <= 256 and _supports(q, *tensors)  # the kernel's tiles hold head dims up to 256
+
+
 def _flashmask_bwd(dout, q, k, v, out, lse, idx, causal, scale, dlse=None):
     return _C_OPS.flashmask_bwd(dout, q, k, v, out, lse, idx, causal, scale, dlse)
 
@@ -53,4 +57,4 @@ _KERNELS = {
 for (_op, _fn_name), _fn in _KERNELS.items():
     _backend.register(_op, "cpu", _fn_name, _fn)
 for _op in {op for op, _ in _KERNELS}:
-    _backend.register(_op, "cpu", "supports", _supports)
+    _backend.register(_op, "cpu", "supports", _flashmask_supports if _op == "flashmask_attention" else _supports)
