@@ -138,9 +138,8 @@ def build_attention_inputs(mode: str, input_ids: torch.Tensor, position_ids, ind
 
 def attend(q, k, v, inputs: AttentionInputs, dropout_p: float) -> torch.Tensor:
     """Causal GQA attention, q [B,S,Hq,D], k/v [B,S,Hkv,D] -> [B,S,Hq,D]; scale 1/sqrt(D)."""
-    if inputs.mode == "flashmask":
-        with _no_autocast(q.device.type):  # the op chooses its own precision (fp32 softmax)
-            return flashmask_attention(q, k, v, inputs.indices, causal=True, dropout_p=dropout_p)
+    if inputs.mode == "flashmask":  # the op sets its own precision under autocast (ops/_dtypes.py)
+        return flashmask_attention(q, k, v, inputs.indices, causal=True, dropout_p=dropout_p)
     Hq, Hkv = q.shape[2], k.shape[2]
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, D]
     if inputs.mode == "sdpa":
@@ -342,13 +341,8 @@ class Ernie4_5ForCausalLM(nn.Module):
             if rt.use_sparse_head_and_loss_fn:  # only labelled tokens reach the head
                 keep = (y != IGNORE_INDEX).nonzero().squeeze(-1)
                 h, y = h.index_select(0, keep), y.index_select(0, keep)
-            if rt.use_fused_head_and_loss_fn:
-                w = self.lm_head.weight
-                dtype = _autocast_dtype(h.device.type)
-                if dtype is not None:  # the op is not autocast-aware: cast as the head matmul would
-                    h, w = h.to(dtype), w.to(dtype)
-                with _no_autocast(h.device.type):
-                    loss_sum, n = fused_head_ce(h, w, y, IGNORE_INDEX)
+            if rt.use_fused_head_and_loss_fn:  # casts to the autocast dtype itself, like the head matmul
+                loss_sum, n = fused_head_ce(h, self.lm_head.weight, y, IGNORE_INDEX)
             else:
                 loss_sum = F.cross_entropy(self.lm_head(h).float(), y, ignore_index=IGNORE_INDEX, reduction="sum")
                 n = (y != IGNORE_INDEX).sum()
@@ -413,15 +407,3 @@ class Ernie4_5ForCausalLM(nn.Module):
 
 def _on_meta(module: nn.Module) -> bool:
     return any(p.is_meta for p in module.parameters())
-
-
-def _no_autocast(device_type: str):
-    """Custom ops get their inputs in the dtypes given and do their own fp32 math; autocast must not
-    recast the matmuls inside a reference implementation."""
-    return torch.autocast(device_type, enabled=False)
-
-
-def _autocast_dtype(device_type: str):
-    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
