@@ -164,11 +164,18 @@ def test_virtual_epoch_loses_and_duplicates_nothing(source_lengths, epoch_size, 
 
 
 def test_estimate_packs_reference_example():
-    source = SimpleNamespace(lengths=np.full(20_000, 8), __len__=None)
+    source = SimpleNamespace(lengths=np.full(20_000, 8))
     spec = SimpleNamespace(prob_origin=1.0)
     assert estimate_packs([source], [spec], 64, False, 0, True) == 2500  # 8 rows of 8 per pack
     # greedy packs per 500-buffer: 62.5 packs of 8 -> 63 per buffer
     assert estimate_packs([source], [spec], 64, True, 0, True) == 40 * 63
+
+
+def test_estimate_packs_several_sources_uses_raw_probs():
+    # N = ceil(10 * 2.0) + ceil(20 * 0.5) = 30 rows of 8 tokens; next-fit 8 per pack of 64 -> 4 packs
+    sources = [SimpleNamespace(lengths=np.full(n, 8)) for n in (10, 20)]
+    specs = [SimpleNamespace(prob_origin=2.0), SimpleNamespace(prob_origin=0.5)]
+    assert estimate_packs(sources, specs, 64, False, 0, True) == 4
 
 
 def test_estimate_max_steps_reference_example(tok, data, monkeypatch):

@@ -106,7 +106,7 @@ def estimate_packs(sources, specs, capacity: int, greedy: bool, seed: int, shuff
     if len(sources) == 1:
         pools = [sources[0].lengths]
     else:
-        pools = [np.resize(s.lengths, math.ceil(len(s) * spec.prob_origin)) if len(s) else s.lengths
+        pools = [np.resize(s.lengths, math.ceil(len(s.lengths) * spec.prob_origin))
                  for s, spec in zip(sources, specs)]
     pool = np.concatenate(pools)
     n_total = len(pool)
