@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import weakref
 
 import numpy as np
 import torch
@@ -44,9 +46,26 @@ def eval_specs(cfg):
                          _opt(e, "eval_dataset_type", "erniekit"), "eval")
 
 
+# Tokenized files per tokenizer, so estimate_max_steps and build_train_stream in one run tokenize
+# each file once. Weak keys: the memo dies with the tokenizer. A changed file (mtime, size) misses.
+_TOKENIZED = weakref.WeakKeyDictionary()
+
+
+def _tokenize_cached(spec, tok, max_seq_len: int):
+    try:
+        st = os.stat(spec.path)
+    except OSError:
+        return tokenize_file(spec.path, spec.kind, tok, max_seq_len)  # raises DataError naming it
+    key = (os.path.abspath(spec.path), spec.kind, max_seq_len, st.st_mtime_ns, st.st_size)
+    memo = _TOKENIZED.setdefault(tok, {})
+    if key not in memo:
+        memo[key] = tokenize_file(spec.path, spec.kind, tok, max_seq_len)
+    return memo[key]
+
+
 def load_sources(specs, tok, max_seq_len: int):
     """Tokenize every source; a source left with no usable row is an error, not an empty stream."""
-    sources = [tokenize_file(s.path, s.kind, tok, max_seq_len) for s in specs]
+    sources = [_tokenize_cached(s, tok, max_seq_len) for s in specs]
     for src in sources:
         if len(src) == 0:
             raise DataError(src.path, None, f"no row fits max_seq_len={max_seq_len} with a trained answer "

@@ -126,6 +126,7 @@ class ErnieTokenizer:
             return added[token] if token in added else self.backend.token_to_id(token)
 
         self.special_ids: dict[str, int] = {}
+        self.mask_id, self.mask_token = None, None  # optional: absent from some vocabularies
         for role, token in roles.items():
             i = lookup(token)
             if i is None:
