@@ -45,21 +45,19 @@ def _tensors(obj):
 
 
 def _group_size(args) -> int:
-    """Size of the op's process group: a ProcessGroup object (c10d ops) or a group name (functional)."""
+    """Size of the op's process group: a boxed ProcessGroup (c10d ops) or a group name (functional)."""
+    import torch.distributed as dist
     from torch.distributed.distributed_c10d import _resolve_process_group
 
     for a in args:
-        if isinstance(a, (torch.Tensor, list, tuple, int, float, bool)) or a is None:
-            continue
         if isinstance(a, str):
             try:
                 return _resolve_process_group(a).size()
             except Exception:
                 continue
-        size = getattr(a, "size", None)
-        if callable(size):
+        if type(a).__name__ == "ScriptObject":  # the group, or a ReduceOp (which does not unbox)
             try:
-                return int(size())
+                return dist.ProcessGroup.unbox(a).size()
             except Exception:
                 continue
     return 1

@@ -126,7 +126,7 @@ class ParallelContext:
                 apply_data_parallel(root, list(root.model.layers.children()), self.mesh, d)
         self._roots = roots
         if d.sharding_stage == 1:
-            self.zero = ZeroOneOptimizer(self.group("sharding"))
+            self.zero = ZeroOneOptimizer(self.group("sharding"), dp_group=self.group("dp") if d.dp > 1 else None)
         if d.pp > 1:
             self._build_runner(model)
         return model
@@ -221,12 +221,13 @@ class ParallelContext:
             self._loss_depth = 0
 
     def set_grad_sync(self, enabled: bool) -> None:
-        """Call before each micro-batch's backward: gradient all-reduce only on the last one."""
-        from .data_parallel import set_grad_sync
+        """Call before each micro-batch with enabled = "this is the step's last micro-batch": gradients
+        are reduced once per step (dp/stage1), stage2 gathers its parameters once per step."""
+        from .data_parallel import set_micro_batch
 
-        if self.dims.data_world > 1 and self.dims.sharding_stage in (0, 1):
+        if self.dims.data_world > 1:
             for root in self._roots:
-                set_grad_sync(root, enabled)
+                set_micro_batch(root, self.dims.sharding_stage, enabled)
 
     def pipeline_loss_step(self, micro_batches: list[dict]) -> tuple[float, int, dict]:
         loss = self.runner.train_step(micro_batches)
@@ -257,9 +258,9 @@ class ParallelContext:
             sync_replicated_grads(rep, tp_group, op="sum")  # each rank saw only its sequence shard
         if rep and "sync_grad" in self.opts.tp_options:
             sync_replicated_grads(rep, tp_group, op="avg")
-        norm = self.clip_grad_norm(model, max_norm)
         if self.zero is not None:
-            self.zero.load_grads()
+            self.zero.reduce_grads()  # stage1: averaged gradients land in this rank's slices
+        norm = self.clip_grad_norm(model, max_norm)
         optimizer.step()
         if self.zero is not None:
             self.zero.gather_params()
@@ -282,25 +283,29 @@ class ParallelContext:
     @torch.no_grad()
     def clip_grad_norm(self, model, max_norm: float) -> float:
         """Global L2 norm of all gradients (every shard counted once) and in-place clipping."""
-        params = [p for p in model.parameters() if p.grad is not None]
+        from .tensor_parallel import _local
+
         if not self.dims.distributed:
+            params = [p for p in model.parameters() if p.grad is not None]
             if max_norm and max_norm > 0:
                 return float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False))
             if not params:
                 return 0.0
             return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in params])))
+        if self.zero is not None:  # stage1: the gradients live in this rank's slices
+            sharding = (self.group("sharding"),)
+            pairs = [(p, g, sharding + _shard_groups(p)) for p, g in self.zero.slice_grads()]
+        else:
+            pairs = [(p, _local(p.grad), _shard_groups(p.grad)) for p in model.parameters() if p.grad is not None]
         # The last stage's copy of a tied embedding has the embedding's gradient: count it once.
-        counted = [p for p in params if p is not self._tied_copy]
-        total = _sharded_sq_sum(counted, self.device)
+        total = _sq_sum([(g, groups) for p, g, groups in pairs if p is not self._tied_copy], self.device)
         if self.pipelined:
             dist.all_reduce(total, group=self.group("pp"))
         norm = float(total.sqrt())
         coef = min(1.0, max_norm / (norm + 1e-6)) if max_norm and max_norm > 0 else 1.0  # torch's formula
         if coef < 1.0:
-            from .tensor_parallel import _local
-
-            for p in params:
-                _local(p.grad).mul_(coef)
+            for _, g, _ in pairs:
+                g.mul_(coef)
         return norm
 
     # ------------------------------------------------------------------ checkpoints
@@ -339,25 +344,26 @@ class ParallelContext:
         """Nothing to do between steps today; kept as the hook for release_grads-style cleanup."""
 
 
-def _sharded_sq_sum(params, device) -> torch.Tensor:
-    """Sum of squared gradient entries over all ranks, each entry once: local sums are all-reduced
-    over exactly the mesh dims the gradient is sharded on (replicated dims would double count)."""
+def _shard_groups(t) -> tuple:
+    """Process groups of the mesh dims a DTensor is split on (its local pieces add up over them)."""
     from torch.distributed.tensor import DTensor
 
+    if not isinstance(t, DTensor):
+        return ()
+    return tuple(t.device_mesh.get_group(i) for i, pl in enumerate(t.placements) if pl.is_shard() or pl.is_partial())
+
+
+def _sq_sum(items, device) -> torch.Tensor:
+    """Sum of squares over all ranks of (local tensor, groups it is split over), every entry once:
+    local sums are all-reduced over exactly those groups (replicated dims would double count).
+    Items with the same groups share one all-reduce; every rank of a group sees the same order."""
     sums: dict[tuple, list] = {}
-    for p in params:
-        g = p.grad
-        if isinstance(g, DTensor):
-            dims = tuple(i for i, pl in enumerate(g.placements) if pl.is_shard() or pl.is_partial())
-            key = tuple(g.device_mesh.get_group(i) for i in dims)
-            local = g._local_tensor
-        else:
-            key, local = (), g
-        sums.setdefault(key, []).append(local.detach().float().pow(2).sum())
+    for local, groups in items:
+        sums.setdefault(groups, []).append(local.detach().float().pow(2).sum())
     total = torch.zeros((), dtype=torch.float32, device=device)
-    for key, vals in sums.items():
+    for groups, vals in sums.items():
         s = torch.stack(vals).sum().to(device)
-        for group in key:
+        for group in groups:
             dist.all_reduce(s, group=group)
         total += s
     return total

@@ -3,7 +3,7 @@
 | layout           | torch mechanism                                    | at rest per rank               |
 |------------------|----------------------------------------------------|--------------------------------|
 | dp only          | `replicate` (DDP on FSDP2's machinery)             | full params, grads, moments    |
-| sharding stage1  | `replicate` + `ZeroOneOptimizer` (this file)       | full params and grads; 1/N moments |
+| sharding stage1  | `ZeroOneOptimizer` (this file)                     | full params and grads; 1/N moments |
 | sharding stage2  | `fully_shard(reshard_after_forward=False)`         | 1/N grads and moments (ZeRO-2) |
 | sharding stage3  | `fully_shard(reshard_after_forward=True)`          | 1/N params, grads, moments     |
 
@@ -13,8 +13,9 @@ that costs the same bytes as ZeRO-2's after-step all-gather and holds less memor
 
 Stage1 has no torch counterpart for DTensor parameters (ZeroRedundancyOptimizer broadcasts plain
 tensors), so `ZeroOneOptimizer` does it on local tensors: each sharding rank owns a 1/N slice of
-every parameter, the AdamW state exists only for that slice, and after the update one all-gather
-puts the new values back into the (replicated) parameters.
+every parameter; once per step the accumulated gradients are reduce-scattered into those slices
+(one flat collective), the AdamW state exists only for the slices, and after the update one
+all-gather puts the new values back into the full parameters -- the minimum ZeRO-1 traffic.
 """
 from __future__ import annotations
 
@@ -60,22 +61,31 @@ def apply_data_parallel(root: nn.Module, layers: list[nn.Module], mesh, dims) ->
             if any(True for _ in layer.parameters()):
                 fully_shard(layer, mesh=shard_mesh, reshard_after_forward=reshard)
         fully_shard(root, mesh=shard_mesh, reshard_after_forward=reshard)
-    else:  # dp and stage1: gradients all-reduced over every data-parallel rank
+    elif dims.sharding_stage == 0:  # plain dp: gradients all-reduced over every data-parallel rank
         from torch.distributed._composable.replicate_with_fsdp import replicate
 
         for layer in layers:
             if any(True for _ in layer.parameters()):
                 replicate(layer, mesh=mesh["data"])
         replicate(root, mesh=mesh["data"])
+    # stage1: parameters stay as they are; ZeroOneOptimizer reduces the gradients once per step.
 
 
-def set_grad_sync(root: nn.Module, enabled: bool) -> None:
-    """Skip the gradient all-reduce of replicated (dp/stage1) modules on all but the last micro-batch.
-    Sharded stages keep reducing every micro-batch: holding unsharded gradients would defeat ZeRO."""
+def set_micro_batch(root: nn.Module, stage: int, last: bool) -> None:
+    """Per micro-batch switches, set before its forward.
+
+    dp/stage1: all-reduce gradients only after the last micro-batch (accumulate locally before).
+    stage2: reduce-scatter every micro-batch (ZeRO-2 keeps no full gradients), but keep the gathered
+    parameters until the last backward, so the next forward does not gather them again.
+    stage3: reshard and re-gather every time; that is what saves its memory."""
     from torch.distributed.fsdp import FSDPModule
 
-    if isinstance(root, FSDPModule):
-        root.set_requires_gradient_sync(enabled)
+    if not isinstance(root, FSDPModule):
+        return
+    if stage in (0, 1):
+        root.set_requires_gradient_sync(last)
+    elif stage == 2:
+        root.set_reshard_after_backward(last)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -89,47 +99,56 @@ class ZeroOneOptimizer:
 
     `param_groups(groups)` swaps every parameter of the trainer's groups for its slice (a fresh
     leaf Parameter); the trainer builds its usual AdamW and LR schedule on those. Per step:
-    `load_grads()` copies the (already data-parallel averaged) gradient slices in, the optimizer
-    steps, `gather_params()` all-gathers the updated slices into the full parameters."""
+    `reduce_grads()` reduce-scatters the accumulated local gradients into the slices (averaged over
+    every data-parallel rank), the optimizer steps, `gather_params()` all-gathers the updated slices
+    into the full parameters. Slices of parameter i on rank r: flat elements [r*c_i, (r+1)*c_i),
+    zero-padded at the end; rank r's slices of all parameters sit side by side in one flat buffer."""
 
-    def __init__(self, group):
-        self.group = group
+    def __init__(self, group, dp_group=None):
+        self.group, self.dp_group = group, dp_group  # dp_group: replicas of the same slices (or None)
         self.n, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.replicas = dist.get_world_size(dp_group) if dp_group is not None else 1
         self.entries: list[tuple[nn.Parameter, nn.Parameter, int, int]] = []  # (param, slice, offset, chunk)
         self.flat_size = 0
 
     def param_groups(self, groups: list[dict]) -> list[dict]:
-        out = []
-        for g in groups:
-            slices = [self._slice_of(p) for p in g["params"]]
-            out.append({**g, "params": slices})
-        return out
+        return [{**g, "params": [self._slice_of(p) for p in g["params"]]} for g in groups]
 
     def _slice_of(self, p: nn.Parameter) -> nn.Parameter:
         local = _local(p.data)
         chunk = -(-local.numel() // self.n)  # ceil: the last rank's slice is zero-padded
-        flat = torch.zeros(chunk * self.n, dtype=local.dtype, device=local.device)
-        flat[:local.numel()] = local.reshape(-1)
-        piece = nn.Parameter(flat[self.rank * chunk:(self.rank + 1) * chunk].clone())
+        piece = nn.Parameter(self.local_slice(local, chunk))
         self.entries.append((p, piece, self.flat_size, chunk))
         self.flat_size += chunk
         return piece
 
-    def slice_to_param(self) -> dict[int, nn.Parameter]:
-        return {id(piece): p for p, piece, _, _ in self.entries}
+    def _padded(self, t: torch.Tensor, chunk: int) -> torch.Tensor:
+        flat = torch.zeros(self.n * chunk, dtype=t.dtype, device=t.device)
+        flat[:t.numel()] = t.reshape(-1)
+        return flat.view(self.n, chunk)
 
     @torch.no_grad()
-    def load_grads(self) -> None:
-        for p, piece, _, chunk in self.entries:
-            if p.grad is None:
-                piece.grad = None
-                continue
-            g = _local(p.grad).reshape(-1)
-            lo, hi = self.rank * chunk, min((self.rank + 1) * chunk, g.numel())
-            buf = torch.zeros(chunk, dtype=g.dtype, device=g.device)
-            if hi > lo:
-                buf[:hi - lo] = g[lo:hi]
-            piece.grad = buf
+    def reduce_grads(self) -> None:
+        """Average the step's gradients over all data-parallel ranks, straight into this rank's slices."""
+        if not self.entries:
+            return
+        first = _local(self.entries[0][0].data)
+        send = torch.zeros(self.n, self.flat_size, dtype=first.dtype, device=first.device)
+        for p, _, off, chunk in self.entries:
+            if p.grad is not None:
+                send[:, off:off + chunk] = self._padded(_local(p.grad), chunk)
+            p.grad = None  # the full gradient is not needed any more (stage1 keeps it only during backward)
+        mine = torch.empty(self.flat_size, dtype=send.dtype, device=send.device)
+        dist.reduce_scatter_tensor(mine, send.view(-1), group=self.group)
+        if self.dp_group is not None:
+            dist.all_reduce(mine, group=self.dp_group)
+        mine /= self.n * self.replicas
+        for _, piece, off, chunk in self.entries:
+            piece.grad = mine[off:off + chunk]
+
+    def slice_grads(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """(model parameter, its gradient slice on this rank), for the global norm and clipping."""
+        return [(p, piece.grad) for p, piece, _, _ in self.entries if piece.grad is not None]
 
     @torch.no_grad()
     def gather_params(self) -> None:
@@ -141,9 +160,7 @@ class ZeroOneOptimizer:
         full = full.view(self.n, self.flat_size)
         for p, _, off, chunk in self.entries:
             local = _local(p.data)
-            values = full[:, off:off + chunk].reshape(-1)[:local.numel()]
-            local.copy_(values.view_as(local))
-            p.grad = None  # the optimizer only knows the slices; free the full gradients here
+            local.copy_(full[:, off:off + chunk].reshape(-1)[:local.numel()].view_as(local))
 
     @torch.no_grad()
     def full_local_state(self, piece_state: dict, p: nn.Parameter, chunk: int) -> dict:
@@ -160,10 +177,5 @@ class ZeroOneOptimizer:
         return out
 
     def local_slice(self, full_local: torch.Tensor, chunk: int) -> torch.Tensor:
-        """The inverse: this rank's (zero-padded) slice of a whole local-parameter tensor."""
-        flat = full_local.reshape(-1)
-        buf = torch.zeros(chunk, dtype=flat.dtype, device=flat.device)
-        lo, hi = self.rank * chunk, min((self.rank + 1) * chunk, flat.numel())
-        if hi > lo:
-            buf[:hi - lo] = flat[lo:hi]
-        return buf
+        """This rank's (zero-padded) slice of a whole local-parameter tensor."""
+        return self._padded(full_local.detach(), chunk)[self.rank].clone()

@@ -80,10 +80,11 @@ def apply_tp(model: nn.Module, tp_mesh, *, sequence_parallel: bool, tensor_paral
             "mlp.up_proj": ColwiseParallel(),
             "mlp.down_proj": RowwiseParallel(output_layouts=between_blocks),
         }
-        if sequence_parallel:  # all-gather the sequence before each block (the norm ran on the shard)
-            plan["self_attn"] = PrepareModuleInput(input_layouts=(Shard(1), None),
-                                                   desired_input_layouts=(Replicate(), None))
-            plan["mlp"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+        # Each block gets its input as one replicated DTensor (all-gathered from the sequence shards under
+        # SP): q/k/v (gate/up) then share it, so backward reduces its gradient once, not once per projection.
+        plan["self_attn"] = PrepareModuleInput(input_layouts=(between_blocks, None),
+                                               desired_input_layouts=(Replicate(), None))
+        plan["mlp"] = PrepareModuleInput(input_layouts=(between_blocks,), desired_input_layouts=(Replicate(),))
         parallelize_module(layer, tp_mesh, plan)
         # The model views q/k/v with these counts; after column sharding each rank holds 1/tp of the heads.
         layer.self_attn.num_heads //= tp
