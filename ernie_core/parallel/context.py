@@ -78,6 +78,14 @@ class ParallelContext:
         dims = dims_from_config(cfg, world_size)
         return cls(dims, options_from_config(cfg), rank=rank, device=device)
 
+    def check_objective(self, name: str) -> None:
+        """Layouts the objective can run under. SFT: all. DPO reads the hidden states and the LM head
+        weight itself (model.model(...), lm_head.weight), which bypasses the TP/pipeline/FSDP plans."""
+        if name != "SFT" and self.dims.distributed:
+            raise ConfigError(f"stage {name} runs on one process only for now (its loss calls the model's parts "
+                              f"directly, which the {self.dims.describe()} layout cannot intercept); launch it "
+                              "without torchrun")
+
     # ------------------------------------------------------------------ coordinates
     @property
     def is_main(self) -> bool:

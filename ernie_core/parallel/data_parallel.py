@@ -56,11 +56,17 @@ def apply_data_parallel(root: nn.Module, layers: list[nn.Module], mesh, dims) ->
 
     if dims.sharding_stage in (2, 3):
         shard_mesh = mesh["dp", "sharding"] if dims.dp > 1 else mesh["sharding"]
-        reshard = dims.sharding_stage == 3
+        kw = dict(mesh=shard_mesh, reshard_after_forward=dims.sharding_stage == 3)
+        if dims.sharding_offload and shard_mesh.device_type == "cuda":
+            # 'offload': sharded params, grads and optimizer state in pinned host memory, the update on
+            # the CPU (FSDP2's policy). On a CPU mesh everything is in host memory already.
+            from torch.distributed.fsdp import CPUOffloadPolicy
+
+            kw["offload_policy"] = CPUOffloadPolicy()
         for layer in layers:
             if any(True for _ in layer.parameters()):
-                fully_shard(layer, mesh=shard_mesh, reshard_after_forward=reshard)
-        fully_shard(root, mesh=shard_mesh, reshard_after_forward=reshard)
+                fully_shard(layer, **kw)
+        fully_shard(root, **kw)
     elif dims.sharding_stage == 0:  # plain dp: gradients all-reduced over every data-parallel rank
         from torch.distributed._composable.replicate_with_fsdp import replicate
 

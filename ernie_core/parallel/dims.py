@@ -25,6 +25,7 @@ class ParallelDims:
     tp: int = 1
     sharding_stage: int = 0
     world_size: int = 1
+    sharding_offload: bool = False  # `sharding: stage2 offload`: sharded state lives in host memory
 
     @property
     def data_world(self) -> int:
@@ -77,8 +78,9 @@ def resolve_dims(world_size: int, *, tensor_parallel_degree: int = 1, pipeline_p
                           f"{world_size} process(es)")
     if shard == 1:
         stage = 0  # a stage over one rank shards nothing: plain data parallelism
+    offload = stage in (2, 3) and "offload" in str(sharding or "").split()
     return ParallelDims(dp=data_world // shard, sharding=shard, pp=pp, tp=tp, sharding_stage=stage,
-                        world_size=world_size)
+                        world_size=world_size, sharding_offload=offload)
 
 
 def dims_from_config(cfg, world_size: int) -> ParallelDims:

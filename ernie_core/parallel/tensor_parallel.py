@@ -64,6 +64,7 @@ def apply_tp(model: nn.Module, tp_mesh, *, sequence_parallel: bool, tensor_paral
                                                    RowwiseParallel, parallelize_module)
 
     tp = tp_mesh.size()
+    _check_plain_linears(model)
     between_blocks = Shard(1) if sequence_parallel else Replicate()
     tied = model.lm_head.weight is model.model.embed_tokens.weight
     # Vocab-parallel embedding: each rank looks up its vocab rows, the partial sums are reduced
@@ -102,6 +103,21 @@ def apply_tp(model: nn.Module, tp_mesh, *, sequence_parallel: bool, tensor_paral
     from torch.distributed.tensor import DTensor
 
     return [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]
+
+
+def _check_plain_linears(model) -> None:
+    """The plans split nn.Linear / nn.Embedding weights; adapters or quantized layers need their own plans."""
+    targets = [("model.embed_tokens", model.model.embed_tokens, nn.Embedding), ("lm_head", model.lm_head, nn.Linear)]
+    for i, layer in enumerate(model.model.layers):
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            targets.append((f"model.layers.{i}.self_attn.{name}", getattr(layer.self_attn, name, None), nn.Linear))
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            targets.append((f"model.layers.{i}.mlp.{name}", getattr(layer.mlp, name, None), nn.Linear))
+    for name, module, kind in targets:
+        if type(module) is not kind:
+            raise ConfigError(f"tensor_parallel_degree > 1 needs {name} to be a plain {kind.__name__}, found "
+                              f"{type(module).__name__}: LoRA adapters and quantized linears under tensor "
+                              "parallelism are not supported yet")
 
 
 def _loss_to_local(module, args, output):

@@ -17,6 +17,7 @@ def run_training(cfg) -> dict:
 
     # Under torchrun (WORLD_SIZE > 1): process group + mesh, and a failing rank stops every rank.
     with parallel_session(cfg) as par:
+        par.check_objective(objective.name)
         trainer = Trainer(cfg, objective, rank=par.rank, world_size=par.world_size, parallel=par)
         trainer.setup()
         state = trainer.train()
