@@ -36,6 +36,7 @@ class ParallelOptions:
     distributed_dataloader: bool = False
     release_grads: bool = False
     pp_schedule: str | None = None  # None: 1F1B (interleaved with virtual stages); "gpipe" for benchmarks
+    max_seq_len: int | None = None  # packed row length (sequence parallel splits it over tp)
 
 
 def options_from_config(cfg) -> ParallelOptions:
@@ -53,7 +54,7 @@ def options_from_config(cfg) -> ParallelOptions:
         pp_seg_method=d.pp_seg_method, virtual_pp_degree=d.virtual_pp_degree, add_tail_layers=d.add_tail_layers,
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         distributed_dataloader=bool(cfg.accel.distributed_dataloader),
-        release_grads=bool(cfg.memory.release_grads))
+        release_grads=bool(cfg.memory.release_grads), max_seq_len=cfg.train.max_seq_len)
 
 
 class ParallelContext:
@@ -120,6 +121,9 @@ class ParallelContext:
         d, o = self.dims, self.opts
         rt = model.runtime
         check_tp_shapes(model.config, d.tp, fuse_linear=rt.fuse_linear, fused_head=rt.use_fused_head_and_loss_fn)
+        if o.sequence_parallel and o.max_seq_len and o.max_seq_len % d.tp:
+            raise ConfigError(f"sequence_parallel splits each row of max_seq_len={o.max_seq_len} tokens over "
+                              f"tensor_parallel_degree={d.tp} ranks: choose a max_seq_len divisible by {d.tp}")
         self._tied = model.lm_head.weight is model.model.embed_tokens.weight
         if d.tp > 1:
             self._replicated = apply_tp(model, self.mesh["tp"], sequence_parallel=o.sequence_parallel,

@@ -227,14 +227,22 @@ class PipelineRunner:
             return pipeline_loss(logits, labels, scale=scale)
 
         common = dict(n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=self.delay_scale)
-        if len(self.stages) > 1:
-            if n_microbatches % self.pp:
-                raise ConfigError(f"virtual_pp_degree > 1 needs gradient_accumulation_steps ({n_microbatches}) to be "
-                                  f"a multiple of pipeline_parallel_degree ({self.pp}) for the interleaved schedule")
-            self.schedule = ScheduleInterleaved1F1B(self.stages, **common)
-        else:
-            cls = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
-            self.schedule = cls(self.stages[0], **common)
+        if n_microbatches < self.pp and dist.get_rank() == 0:
+            print(f"warning: gradient_accumulation_steps={n_microbatches} < pipeline_parallel_degree={self.pp}: "
+                  "every step is mostly pipeline bubble (GPipe schedule); raise gradient_accumulation_steps",
+                  flush=True)
+        if n_microbatches < self.pp:
+            schedule = "gpipe"  # 1F1B needs at least one micro-batch per stage
+        try:
+            if len(self.stages) > 1:
+                self.schedule = ScheduleInterleaved1F1B(self.stages, **common)
+            else:
+                cls = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
+                self.schedule = cls(self.stages[0], **common)
+        except ValueError as e:  # torch's micro-batch count rules for the interleaved schedule
+            raise ConfigError(f"gradient_accumulation_steps={n_microbatches} (the pipeline's micro-batches) does not "
+                              f"fit pipeline_parallel_degree={self.pp} x virtual_pp_degree="
+                              f"{model.num_stages // self.pp}: {e}") from None
         self.has_first = any(s.is_first for s in self.stages)
         self.has_last = any(s.is_last for s in self.stages)
         self.last_rank = dist.get_global_rank(pp_group, (model.num_stages - 1) % self.pp)
@@ -341,18 +349,6 @@ def tied_embedding_group(mesh, pp: int):
                 if me in pair:
                     mine = g
     return mine
-
-
-def num_virtual_stages(pp: int, vpp: int) -> int:
-    return pp * max(1, vpp)
-
-
-def check_microbatches(n_micro: int, pp: int) -> None:
-    if n_micro < pp:
-        # Legal, but every step is mostly bubble; say so once rather than fail.
-        print(f"warning: gradient_accumulation_steps={n_micro} < pipeline_parallel_degree={pp}: the pipeline is "
-              f"idle {100 * (1 - n_micro / (n_micro + pp - 1)):.0f}% of each step; raise gradient_accumulation_steps",
-              flush=True)
 
 
 __all__ = ["PP_OPTIONS", "EmptyLayer", "PipelineChunk", "PipelinedModel", "PipelineRunner",
