@@ -118,7 +118,7 @@ def build_attention_inputs(mode: str, input_ids: torch.Tensor, position_ids, ind
     if mode == "flashmask":
         if indices is None:  # plain causal: every column is visible to all rows below it
             indices = torch.full((B, 1, S, 1), S, dtype=torch.int32, device=input_ids.device)
-        return AttentionInputs(position_ids, mode, indices=indices)
+        return AttentionInputs(position_ids, mode, indices=indices.to(torch.int32))
     if indices is None:
         if mode == "sdpa":
             return AttentionInputs(position_ids, mode)  # is_causal=True inside SDPA
