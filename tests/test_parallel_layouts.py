@@ -38,18 +38,21 @@ LAYOUTS = {
     "pp2": (2, "ref_accum2", ["pipeline_parallel_degree=2", "add_tail_layers=2",  # stages: layers 0-2 | 3 + 2 empty
                               "pipeline_parallel_config=enable_delay_scale_loss disable_partial_send_recv"]),
     "pp2_vpp2": (2, "ref_accum2", ["pipeline_parallel_degree=2", "virtual_pp_degree=2"]),
-    "stage1": (2, "ref_accum4", ["sharding=stage1", "sharding_parallel_config=enable_stage1_overlap enable_release_grads"]),
+    "stage1": (2, "ref_accum4", ["sharding=stage1", "sharding_parallel_config=enable_stage1_overlap enable_release_grads",
+                                 "save_strategy=steps", "save_steps=5"]),
     "stage2": (2, "ref_accum4", ["sharding=stage2"]),
     "stage3": (2, "ref_accum4", ["sharding=stage3"]),
     "tp2_dp2": (4, "ref_accum4", ["tensor_parallel_degree=2"]),
     "pp2_tp2": (4, "ref_accum2", ["pipeline_parallel_degree=2", "tensor_parallel_degree=2", "pp_seg_method=[0,1,4]",
                                   "save_strategy=steps", "save_steps=5"]),
 }
-# Resumed from pp2_tp2's checkpoint-5: (processes, overrides); stage3 over 2 ranks halves the
-# accumulation so the global batch stays 2 rows.
+# Resumed from a layout's checkpoint-5: (source, processes, reference, overrides). Stage3 over 2 ranks
+# halves the accumulation so the global batch stays 2 rows; one process resuming stage1's run
+# (2 replicas x 2 micro-batches) accumulates 4.
 RESUMES = {
-    "resume_tp1": (1, []),
-    "resume_stage3": (2, ["sharding=stage3", "gradient_accumulation_steps=1"]),
+    "resume_tp1": ("pp2_tp2", 1, "ref_accum2", []),
+    "resume_stage3": ("pp2_tp2", 2, "ref_accum2", ["sharding=stage3", "gradient_accumulation_steps=1"]),
+    "resume_stage1_tp1": ("stage1", 1, "ref_accum4", ["gradient_accumulation_steps=4"]),
 }
 
 
@@ -71,15 +74,15 @@ def runs(tmp_path_factory) -> Path:
     for world in (4, 2):  # 4 first: its PP x TP checkpoint is resumed by a 2-process run
         jobs = [argv(root / name, *extra) for name, (n, _, extra) in LAYOUTS.items() if n == world]
         if world == 2:
-            jobs += [_resume_argv(root, name, extra) for name, (n, extra) in RESUMES.items() if n == 2]
+            jobs += [_resume_argv(root, name, src, extra) for name, (src, n, _, extra) in RESUMES.items() if n == 2]
         spawn(run_cli, world, jobs)
-    run_cli([_resume_argv(root, name, extra) for name, (n, extra) in RESUMES.items() if n == 1])
+    run_cli([_resume_argv(root, name, src, extra) for name, (src, n, _, extra) in RESUMES.items() if n == 1])
     return root
 
 
-def _resume_argv(root: Path, name: str, extra: list[str]) -> list[str]:
+def _resume_argv(root: Path, name: str, source: str, extra: list[str]) -> list[str]:
     out = root / name
-    shutil.copytree(root / "pp2_tp2" / "checkpoint-5", out / "checkpoint-5")
+    shutil.copytree(root / source / "checkpoint-5", out / "checkpoint-5")
     return argv(out, "overwrite_output_dir=false", *extra)
 
 
@@ -129,13 +132,14 @@ def test_layout_matches_single_process(runs, name):
 
 @pytest.mark.parametrize("name", list(RESUMES))
 def test_resume_across_layouts(runs, name):
-    """Saved under PP=2 x TP=2 at step 5, resumed under another layout: steps 6..10 and the final
-    model are those of the uninterrupted single-process run."""
-    want = {k: v for k, v in step_losses(runs / "ref_accum2").items() if k > 5}
+    """Saved at step 5 under one layout (PP=2 x TP=2, ZeRO-1), resumed under another: steps 6..10
+    and the final model are those of the uninterrupted single-process run."""
+    _, _, ref, _ = RESUMES[name]
+    want = {k: v for k, v in step_losses(runs / ref).items() if k > 5}
     got = step_losses(runs / name)
     assert sorted(got) == list(range(6, 11)), f"resumed run logged steps {sorted(got)}"
     assert_close_rel(got, want, f"{name} per-step loss after resume")
-    assert_same_model(runs / name, runs / "ref_accum2")
+    assert_same_model(runs / name, runs / ref)
 
 
 def test_checkpoint_is_layout_independent(runs):
