@@ -93,6 +93,16 @@ def test_batched_shapes_and_all_ignored(monkeypatch):
     assert (h.grad == 0).all()
 
 
+def test_second_backward_is_refused(monkeypatch):
+    use_backend(monkeypatch, OP, "cpu", "fwd_bwd")
+    hidden, weight, labels = make(N=12, V=60)
+    h = hidden.requires_grad_()
+    loss, _ = ops.fused_head_ce(h, weight, labels)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):  # gradients were scaled in place
+        loss.backward()
+
+
 def test_bad_label_is_reported(monkeypatch):
     use_backend(monkeypatch, OP, "cpu", "fwd_bwd")
     hidden, weight, labels = make(N=10, V=50)

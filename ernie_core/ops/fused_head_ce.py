@@ -4,7 +4,8 @@ The forward runs the head chunk by chunk over tokens; per chunk it computes the 
 log-sum-exp, the loss and, right away, the gradients for hidden and weight (ernie_reference §12.2,
 `use_fused_head_and_loss_fn`). It returns (loss_sum, n_tokens, dhidden, dweight) with gradients for
 an upstream grad of 1; the backward (`ernie_core::fused_head_ce_backward`, its own op) only scales
-them. Gradients nobody needs (no grad mode, frozen weight) are not computed.
+them (in place in eager mode, so it runs once per forward: no retain_graph). Gradients nobody needs
+(no grad mode, frozen weight) are not computed.
 A backend registers `fwd_bwd(hidden, weight, labels, ignore_index, chunk_tokens, grad_hidden=True,
 grad_weight=True) -> (loss_sum, n_tokens, dhidden, dweight)` (empty tensors for grads not asked).
 """
@@ -58,7 +59,15 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, _grad_n, _grad_dh, _grad_dw):
     dhidden, dweight = ctx.saved_tensors
-    gh, gw = fused_head_ce_backward_op(grad_loss, dhidden, dweight)
+    if type(dweight) is torch.Tensor and type(dhidden) is torch.Tensor:
+        # Eager: scale the saved gradients in place. A scaled copy would be a second [V, H] buffer at
+        # the memory peak, and these gradients are used exactly once. (Under torch.compile / AOT
+        # tracing the tensors are subclasses and the functional op below is used instead.) A second
+        # backward through the same call (retain_graph) is refused by autograd's version check.
+        g = grad_loss.float()
+        gh, gw = dhidden.mul_(g), dweight.mul_(g)
+    else:
+        gh, gw = fused_head_ce_backward_op(grad_loss, dhidden, dweight)
     return (gh if ctx.grad_hidden else None), (gw if ctx.grad_weight else None), None, None, None, None, None
 
 
