@@ -111,6 +111,7 @@ def run_layouts(names: list[str], steps: int) -> dict:
     """On every rank: per layout, the median step time and one step's counted traffic."""
     from ernie_core.parallel.comm_stats import CommCounter
 
+    torch.set_num_threads(1)  # every rank one thread (the spawned ranks have one each): comparable times
     out = {}
     for name in names:
         ctx, model, opt, dims, n_params = _setup(LAYOUTS[name][1])
