@@ -20,21 +20,17 @@ class LoraSection:
 
     lora: bool = option(
         True, "Train LoRA adapters on every attention and FFN linear (experts included) with the base frozen. "
-        "Follows fine_tuning, whose default LoRA makes this true (the table lists false).",
-        implemented=False, supported=(False,))
-    lora_rank: int = option(8, "Adapter rank r (typical 8/16/32).", implemented=False, ge=1)
+        "Follows fine_tuning, whose default LoRA makes this true (the table lists false).")
+    lora_rank: int = option(8, "Adapter rank r (typical 8/16/32).", ge=1)
     lora_alpha: float = option(
         -1.0, "Adapter scale numerator: scaling = alpha/r, or alpha/sqrt(r) with rslora. -1 means 2r "
-        "(4 with rslora).", implemented=False, gt=0, special=(-1,))
-    rslora: bool = option(False, "Rank-stabilised scaling alpha/sqrt(r) (helps from rank 64 up).",
-                          implemented=False)
-    lora_plus_scale: float = option(1.0, "LoRA+: learning-rate multiplier for the B matrices only (try 4-16).",
-                                    implemented=False, gt=0)
+        "(4 with rslora).", gt=0, special=(-1,))
+    rslora: bool = option(False, "Rank-stabilised scaling alpha/sqrt(r) (helps from rank 64 up).")
+    lora_plus_scale: float = option(1.0, "LoRA+: learning-rate multiplier for the B matrices only (try 4-16).", gt=0)
     rslora_plus: bool = option(
-        False, "Shortcut for rslora: true, lora_plus_scale: 4, lora_alpha: 4 (overrides those keys).",
-        implemented=False)
+        False, "Shortcut for rslora: true, lora_plus_scale: 4, lora_alpha: 4 (overrides those keys).")
     lora_path: Optional[str] = option(None, "Adapter checkpoint to start from (peft_model-*.safetensors or "
-                                      "lora_model_state.pdparams, plus lora_config.json).", implemented=False)
+                                      "lora_model_state.pdparams, plus lora_config.json).")
 
     def scaling(self) -> float:
         """The factor applied to x·A·B: alpha/r, or alpha/sqrt(r) with rslora; alpha -1 -> 2r (4 with rslora).
@@ -56,36 +52,30 @@ DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "dpop", "kto_pair", "sppo_
 class DpoSection:
     """DPO objective and preference data (reference table 2.3 plus ERNIEKit DPO keys)."""
 
-    beta: float = option(0.1, "Temperature of the preference loss.", implemented=False, gt=0)
-    simpo_gamma: float = option(0.5, "SimPO target margin gamma.", implemented=False, ge=0)
+    beta: float = option(0.1, "Temperature of the preference loss.", gt=0)
+    simpo_gamma: float = option(0.5, "SimPO target margin gamma.", ge=0)
     offset_alpha: float = option(
-        0.0, "Score-based margin for the sigmoid loss: the margin grows with log(score gap); 0 = plain DPO.",
-        implemented=False, ge=0)
+        0.0, "Score-based margin for the sigmoid loss: the margin grows with log(score gap); 0 = plain DPO.", ge=0)
     max_prompt_len: int = option(
-        2048, "Longest prompt accepted (checked, never used to cut); capped at max_seq_len - 10.",
-        implemented=False, ge=1)
+        2048, "Longest prompt kept: older prompt turns are dropped beyond it (responses stay whole); capped at "
+        "max_seq_len - 10.", ge=1)
     loss_type: str = option(
         "sigmoid", "Preference loss: sigmoid, hinge, ipo, simpo, dpop, kto_pair, sppo_hard, nca_pair, or, "
-        "orpo (= or + reference_free + sft_loss_ratio 1).", implemented=False, choices=DPO_LOSS_TYPES)
-    pref_loss_ratio: float = option(1.0, "Weight of the preference loss.", implemented=False, ge=0)
-    sft_loss_ratio: float = option(0.0, "Weight of an SFT loss on the chosen answers.", implemented=False, ge=0)
+        "orpo (= or + reference_free + sft_loss_ratio 1).", choices=DPO_LOSS_TYPES)
+    pref_loss_ratio: float = option(1.0, "Weight of the preference loss.", ge=0)
+    sft_loss_ratio: float = option(0.0, "Weight of an SFT loss on the chosen answers.", ge=0)
     label_smoothing: float = option(
-        0.0, "Label smoothing of the sigmoid/simpo losses (assumed fraction of flipped preferences).",
-        implemented=False, ge=0, le=0.5)
+        0.0, "Label smoothing of the sigmoid/simpo losses (assumed fraction of flipped preferences).", ge=0, le=0.5)
     reference_free: bool = option(
-        False, "No reference model (reference log-probs are 0); for sigmoid, hinge, ipo, simpo, or/orpo.",
-        implemented=False)
+        False, "No reference model (reference log-probs are 0); for sigmoid, hinge, ipo, simpo, or/orpo.")
     ref_model_update_steps: int = option(
         -1, "Copy the policy into the reference model every this many steps; -1 never (always under LoRA).",
-        implemented=False, ge=1, special=(-1,))
+        ge=1, special=(-1,))
     normalize_logps: bool = option(
-        True, "Rescale chosen/rejected log-prob sums to their mean length (losses without length means).",
-        implemented=False)
-    dpop_lambda: float = option(50.0, "DPOP penalty weight on a chosen log-prob drop below the reference.",
-                                implemented=False, ge=0)
-    mask_out_eos_token: bool = option(True, "Do not train the end-of-turn token of the answers.",
-                                      implemented=False)
-    buffer_size: int = option(500, "Samples buffered for greedy packing of DPO pairs.", implemented=False, ge=1)
+        True, "Rescale chosen/rejected log-prob sums to their mean length (losses without length means).")
+    dpop_lambda: float = option(50.0, "DPOP penalty weight on a chosen log-prob drop below the reference.", ge=0)
+    mask_out_eos_token: bool = option(True, "Do not train the end-of-turn token of the answers.")
+    buffer_size: int = option(500, "Samples buffered for greedy packing of DPO pairs.", ge=1)
 
 
 def _power_of_two(key: str, value: int) -> int:

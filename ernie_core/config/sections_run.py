@@ -83,8 +83,7 @@ class BasicSection:
         "weight_only_int8, wint4/8 -> weight_only_mix, fp8 -> fp8linear); fp8_linear is read as fp8linear.",
         implemented=False, choices=("weight_only_int8", "weight_only_mix", "fp8linear", "fp8_linear"),
         normalize=_fp8_name)
-    stage: str = option("SFT", "Training objective: SFT or DPO.", implemented=False, choices=("SFT", "DPO"),
-                        supported=("SFT",))
+    stage: str = option("SFT", "Training objective: SFT or DPO.", choices=("SFT", "DPO"))
     fine_tuning: str = option(
         "LoRA", "Full or LoRA. Sets `lora`. The default is ERNIEKit's (LoRA, reference 12.6), so a config "
         "without this key trains LoRA adapters; write `fine_tuning: Full` for full fine-tuning. When only "

@@ -10,6 +10,10 @@ def run_training(cfg) -> dict:
         from .sft import SFTObjective
 
         objective = SFTObjective()
+    elif stage == "DPO":
+        from .dpo import DPOObjective
+
+        objective = DPOObjective.from_config(cfg)
     else:
         raise UserError(f"not supported yet: stage={cfg.basic.stage}")
     from ..parallel import parallel_session

@@ -106,11 +106,24 @@ class Trainer:
         cfg = self.cfg
         runtime = model_runtime_kwargs(cfg)
         source = self.resume_dir or cfg.basic.model_name_or_path
-        if self.resume_dir is not None or cfg.basic.continue_training:
+        load = self.resume_dir is not None or cfg.basic.continue_training
+        if cfg.lora.lora:  # LoRA checkpoints hold adapters; the base stays model_name_or_path
+            from ..peft.run import lora_base_source
+
+            source, load = lora_base_source(self.resume_dir, cfg.basic.model_name_or_path, cfg.basic.continue_training)
+        if load:
             self.model = Ernie4_5ForCausalLM.from_pretrained(str(source), **runtime)
         else:
             self.model = Ernie4_5ForCausalLM(Ernie4_5Config.from_pretrained(str(source)), **runtime)
         self.model.to(self.device)
+        self.lora = None
+        if cfg.lora.lora:  # frozen base + adapters, continued from the resumed checkpoint or lora_path
+            from ..peft.run import LoraRun
+
+            self.lora = LoraRun.setup(self.model, rank=cfg.lora.lora_rank, alpha=cfg.lora.lora_alpha,
+                                      rslora=cfg.lora.rslora, bf16_base=cfg.precision.bf16,
+                                      adapter_path=self.resume_dir or cfg.lora.lora_path,
+                                      base_path=cfg.basic.model_name_or_path, save_base=not cfg.basic.continue_training)
         self.model.train()
         self.model_config = self.model.config
         self.model = self.parallel.parallelize(self.model)  # TP/SP, pipeline stage, dp/ZeRO (same model if 1 process)
@@ -120,7 +133,8 @@ class Trainer:
         t = cfg.train
         groups = param_groups(self.model, weight_decay=t.weight_decay, layerwise_bound=t.layerwise_lr_decay_bound,
                               num_layers=self.model_config.num_hidden_layers,
-                              tied_embedding=self.model_config.tie_word_embeddings)
+                              tied_embedding=self.model_config.tie_word_embeddings,
+                              lr_multiplier=self._lora_plus())
         groups = self.parallel.optimizer_param_groups(groups)  # sharding stage1: this rank's slices
         self.optimizer = build_optimizer(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
                                          eps=t.adam_epsilon)
@@ -129,6 +143,23 @@ class Trainer:
                              base_lr=t.learning_rate, min_lr=t.min_lr, num_cycles=t.num_cycles, lr_end=t.lr_end,
                              power=t.power)
         self.scheduler = build_scheduler(self.optimizer, **self.schedule)
+
+    def _lora_plus(self):
+        """LoRA+: lora_plus_scale multiplies the learning rate of the B matrices only (§6)."""
+        if not self.cfg.lora.lora:
+            return None
+        from ..peft import lora_plus_multiplier
+
+        return lora_plus_multiplier(self.cfg.lora.lora_plus_scale)
+
+    def _write_model_files(self, model_state: dict, path: Path) -> None:
+        """HF model files, or for LoRA the PEFT adapter (+ a freshly initialised base)."""
+        from ..models.io import write_hf_checkpoint
+
+        if getattr(self, "lora", None) is not None:
+            self.lora.write(path, model_state)
+        else:
+            write_hf_checkpoint(model_state, self.model_config, path)
 
     def _resume(self, path: Path) -> None:
         load_opt = not self.cfg.checkpoint.ignore_load_lr_and_optim
@@ -298,15 +329,13 @@ class Trainer:
         model_state, opt_state = self.parallel.checkpoint_state(self.model, self.optimizer, with_optimizer=not skip_opt)
         if not self.is_main:
             return None
-        from ..models.io import write_hf_checkpoint
-
         state = dict(self.state)
         state["window"] = ({k: self.state["window"].get(k) for k in ("loss", "steps", "metrics")}
                            if "window" in self.state else None)
         trainer_state = {"global_step": self.global_step, "max_steps": self.max_steps, "state": state}
 
         def write(tmp: Path) -> None:
-            write_hf_checkpoint(model_state, self.model_config, tmp)
+            self._write_model_files(model_state, tmp)
             self.tokenizer.save_pretrained(tmp)
             ckpt.save_training_state(tmp, optimizer=None if skip_opt else self.parallel.optimizer_saver(opt_state),
                                      scheduler=None if skip_opt else self.scheduler,
@@ -323,13 +352,11 @@ class Trainer:
         model_state, _ = self.parallel.checkpoint_state(self.model, self.optimizer, with_optimizer=False)
         if not self.is_main:
             return
-        from ..models.io import write_hf_checkpoint
-
         self.state["eval_after"] = final_eval
         tmp = self.output_dir / ".final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        write_hf_checkpoint(model_state, self.model_config, tmp)
+        self._write_model_files(model_state, tmp)
         self.tokenizer.save_pretrained(tmp)
         for stale in self.output_dir.glob("model*.safetensors*"):
             stale.unlink()

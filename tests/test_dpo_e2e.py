@@ -1,0 +1,121 @@
+"""End-to-end DPO through `python -m ernie_core.train` on a tiny model: reward accuracy on the
+training pairs rises well above chance (full and LoRA), metrics reach trainer_log.jsonl, LoRA runs
+save PEFT adapters that resume and merge, malformed data stops the run with file:line."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from ernie_core.data import load_tokenizer
+from ernie_core.data.testing import make_word_tokenizer, write_jsonl
+from ernie_core.models import Ernie4_5Config, Ernie4_5ForCausalLM
+from ernie_core.train.cli import main
+from ernie_core.train.loggers import read_log
+
+LETTERS = list("abcdefgh")
+
+
+def build_assets(tmp_path, n_pairs=48, seed=0):
+    """A tiny model with saved weights + tokenizer, and pairs 'Reverse: a b c' -> chosen 'c b a',
+    rejected the same letters unreversed (so only the order tells them apart)."""
+    model_dir = make_word_tokenizer(tmp_path / "model", LETTERS)
+    tok = load_tokenizer(model_dir)
+    torch.manual_seed(seed)
+    cfg = Ernie4_5Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=16, intermediate_size=128, vocab_size=tok.vocab_size)
+    Ernie4_5ForCausalLM(cfg).save_pretrained(model_dir)
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n_pairs):
+        word = rng.sample(LETTERS, rng.randint(3, 5))
+        rows.append({"src": "Reverse : " + " ".join(word), "tgt": [],
+                     "response": [" ".join(word), " ".join(reversed(word))], "sort": [0, 1]})
+    data = write_jsonl(tmp_path / "dpo.jsonl", rows)
+    return model_dir, data
+
+
+def run_args(tmp_path, model_dir, data, *extra):
+    config = tmp_path / "dpo.yaml"
+    config.write_text("stage: DPO\ncompute_type: fp32\ndisable_tqdm: true\n")
+    return [str(config), f"model_name_or_path={model_dir}", f"train_dataset_path={data}",
+            f"output_dir={tmp_path / 'out'}", "max_seq_len=64", "per_device_train_batch_size=4", "max_steps=40",
+            "learning_rate=1e-3", "warmup_steps=2", "lr_scheduler_type=constant_with_warmup", "logging_steps=1",
+            "save_steps=15", "num_samples_each_epoch=200", "do_train=true", "do_eval=false", "beta=0.1", "seed=1", *extra]
+
+
+def train_lines(out):
+    return [r for r in read_log(out) if "loss" in r]
+
+
+def assert_learned(lines):
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin"):
+        assert key in lines[0], key
+    assert len(lines) == 40
+    late = [r["rewards/accuracy"] for r in lines[-8:]]
+    assert sum(late) / len(late) >= 0.85, late
+    assert lines[-1]["rewards/margin"] > 0 and lines[-1]["loss"] < lines[0]["loss"]
+
+
+def test_full_dpo_raises_reward_accuracy(tmp_path):
+    model_dir, data = build_assets(tmp_path)
+    assert main(run_args(tmp_path, model_dir, data, "fine_tuning=Full")) == 0
+    lines = train_lines(tmp_path / "out")
+    assert lines[0]["rewards/accuracy"] == 0.0  # policy == reference at step 1: no margin yet
+    assert_learned(lines)
+    assert (tmp_path / "out" / "checkpoint-30" / "config.json").is_file() and (tmp_path / "out" / "config.json").is_file()
+
+
+def test_lora_dpo_raises_reward_accuracy_and_saves_adapters(tmp_path):
+    model_dir, data = build_assets(tmp_path)
+    args = run_args(tmp_path, model_dir, data, "fine_tuning=LoRA", "lora_rank=8", "lora_plus_scale=4",
+                    "learning_rate=3e-3")
+    assert main(args) == 0
+    out = tmp_path / "out"
+    assert_learned(train_lines(out))
+    for where in (out, out / "checkpoint-15"):
+        assert (where / "adapter_config.json").is_file() and (where / "adapter_model.safetensors").is_file()
+        assert not list(where.glob("model*.safetensors"))  # the base is model_name_or_path, not copied
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(model_dir.resolve())
+    from ernie_core.export import main as export_main
+
+    assert export_main([str(out), "--merge-lora"]) == 0
+    assert (out / "export" / "model.safetensors.index.json").is_file()
+
+
+def test_lora_resume_continues_from_the_adapter(tmp_path, monkeypatch):
+    """Kill after checkpoint-15 and re-run: the resumed steps give the uninterrupted losses."""
+    model_dir, data = build_assets(tmp_path, n_pairs=24)
+    args = run_args(tmp_path, model_dir, data, "fine_tuning=LoRA", "max_steps=20", "save_steps=10")
+    assert main(args + [f"output_dir={tmp_path / 'a'}"]) == 0
+    ref = [(r["step"], r["loss"]) for r in train_lines(tmp_path / "a")]
+    from ernie_core.train.trainer import Trainer
+
+    real_step = Trainer.optimizer_step
+
+    def dying(self):
+        if self.global_step == 13:
+            raise RuntimeError("simulated crash")
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "optimizer_step", dying)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(args + [f"output_dir={tmp_path / 'b'}"])
+    monkeypatch.setattr(Trainer, "optimizer_step", real_step)
+    assert main(args + [f"output_dir={tmp_path / 'b'}"]) == 0
+    got = dict((r["step"], r["loss"]) for r in train_lines(tmp_path / "b"))
+    for step, loss in ref:
+        if step > 10:
+            assert got[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), step
+
+
+def test_malformed_preference_line_stops_the_run(tmp_path, capsys):
+    model_dir, data = build_assets(tmp_path, n_pairs=4)
+    lines = data.read_text().splitlines()
+    lines[2] = json.dumps({"src": "x", "tgt": [], "response": ["a", "b"], "sort": [1, 1]})
+    data.write_text("\n".join(lines) + "\n")
+    assert main(run_args(tmp_path, model_dir, data)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {data}:3: 'sort' values are equal (1); the higher one marks the chosen response"
