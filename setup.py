@@ -53,7 +53,12 @@ def extensions():
                                        extra_compile_args=flags, extra_link_args=["-fopenmp"])]
 
 
-setup(
-    ext_modules=extensions(),
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-)
+class BuildExt(cpp_extension.BuildExtension.with_options(use_ninja=True)):
+    def finalize_options(self):
+        super().finalize_options()
+        # A fixed build folder (pip's editable builds otherwise use a fresh temporary one), so ninja
+        # recompiles only what changed on the next `pip install -e .`.
+        self.build_temp = os.path.join(ROOT, "build", "temp")
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})
