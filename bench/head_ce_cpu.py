@@ -67,6 +67,8 @@ def main(argv=None):
     parser.add_argument("--chunk-tokens", type=int, default=None, help="default: ~64 MiB of fp32 logits")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child runs")
+    parser.add_argument("--impls", nargs="*", default=["fused", "fused_sparse", "naive"],
+                        help="which paths to run (naive last, as the ratios' baseline)")
     args = parser.parse_args(argv)
     if not _backend.has_kernel("fused_head_ce", "cpu", "fwd_bwd"):
         sys.exit("the C++ kernels are not built: pip install --no-build-isolation -e .")
@@ -75,15 +77,18 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype)
     runs = make_runs(N, H, V, dtype, args.chunk_tokens)
     rows = []
-    for name, fn in runs.items():
+    for name in args.impls:
+        fn = runs[name]
         row = {"impl": name, "tokens": N, "hidden": H, "vocab": V, "dtype": args.dtype}
         row.update(_harness.measure(fn, warmup=1 if args.quick else 0, repeats=args.repeats))
         row["gflops"] = 6 * N * H * V / row["median_s"] / 1e9
         if not args.no_memory:
             row["peak_mem_mib"] = _harness.measure_peak_cpu_memory(single_thread(fn))
         rows.append(row)
-    naive = rows[-1]
-    for row in rows[:-1]:
+    naive = next((r for r in rows if r["impl"] == "naive"), None)
+    for row in rows if naive else []:
+        if row is naive:
+            continue
         row["time_ratio_vs_naive"] = row["median_s"] / naive["median_s"]
         if not args.no_memory:
             row["mem_ratio_vs_naive"] = row["peak_mem_mib"] / max(naive["peak_mem_mib"], 1e-9)
