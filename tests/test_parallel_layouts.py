@@ -43,6 +43,8 @@ LAYOUTS = {
     "stage2": (2, "ref_accum4", ["sharding=stage2"]),
     "stage3": (2, "ref_accum4", ["sharding=stage3"]),
     "tp2_dp2": (4, "ref_accum4", ["tensor_parallel_degree=2"]),
+    # beyond the list: FSDP over TP-sharded DTensors (2-D placements) with sequence parallel
+    "tp2_stage3_sp": (4, "ref_accum4", ["tensor_parallel_degree=2", "sharding=stage3", "sequence_parallel=true"]),
     "pp2_tp2": (4, "ref_accum2", ["pipeline_parallel_degree=2", "tensor_parallel_degree=2", "pp_seg_method=[0,1,4]",
                                   "save_strategy=steps", "save_steps=5"]),
 }

@@ -362,7 +362,8 @@ def _shard_groups(t) -> tuple:
 
     if not isinstance(t, DTensor):
         return ()
-    return tuple(t.device_mesh.get_group(i) for i, pl in enumerate(t.placements) if pl.is_shard() or pl.is_partial())
+    # Anything but Replicate (Shard, FSDP's _StridedShard under TP, Partial) splits the tensor over that dim.
+    return tuple(t.device_mesh.get_group(i) for i, pl in enumerate(t.placements) if not pl.is_replicate())
 
 
 def _sq_sum(items, device) -> torch.Tensor:
