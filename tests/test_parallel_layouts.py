@@ -88,9 +88,9 @@ def _resume_argv(root: Path, name: str, source: str, extra: list[str]) -> list[s
     return argv(out, "overwrite_output_dir=false", *extra)
 
 
-def step_losses(out: Path) -> dict[int, float]:
+def step_losses(out: Path, key: str = "loss") -> dict[int, float]:
     rows = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+    return {r["step"]: r[key] for r in rows if "loss" in r}
 
 
 def assert_close_rel(got: dict, want: dict, what: str) -> None:
@@ -126,6 +126,8 @@ def test_layout_matches_single_process(runs, name):
     want = step_losses(runs / ref)
     assert sorted(want) == list(range(1, 11))
     assert_close_rel(step_losses(runs / name), want, f"{name} per-step loss")
+    # the global gradient norm (clipping at 1.0 is active) counts every shard exactly once
+    assert_close_rel(step_losses(runs / name, "grad_norm"), step_losses(runs / ref, "grad_norm"), f"{name} grad norm")
     got_eval, want_eval = _summary(runs / name), _summary(runs / ref)
     for key in ("eval_before", "eval_after"):
         assert_close_rel({key: got_eval[key]["eval_loss"]}, {key: want_eval[key]["eval_loss"]}, f"{name} {key}")
