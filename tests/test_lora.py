@@ -234,3 +234,33 @@ def test_merge_stream_matches_merge_lora(tmp_path):
     merge_lora(ours)
     for k, v in to_hf_state_dict(ours).items():
         assert_close(streamed[k], v, 1e-6, k)
+
+
+def test_shared_a_input_cache_keeps_values_and_gradients():
+    """q|k|v reuse one x Aᵀ; values and gradients equal those of separate products."""
+    from ernie_core.peft.lora import _ACache
+
+    torch.manual_seed(0)
+    model = ours_from(hf_model())
+    apply_lora(model, rank=4)
+    randomize_adapters(model)
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        out = model(IDS).logits
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    cached_out, cached = grads()
+    for m in lora_modules(model).values():
+        m._a_cache = _ACache()  # every module computes its own product
+    plain_out, plain = grads()
+    assert_close(cached_out, plain_out, 1e-6, "logits")
+    for n in plain:
+        assert_close(cached[n], plain[n], 1e-6, n)
+    x = torch.randn(3, 64)
+    q = model.model.layers[0].self_attn.q_proj
+    before = q(x).detach()
+    with torch.no_grad():
+        q.lora_A.add_(1.0)  # an updated A must not reuse the old product
+    assert (q(x).detach() - before).abs().max() > 1e-3

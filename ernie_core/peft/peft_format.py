@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import UserError
-from .lora import FOLLOWER_OF, FUSED_PARTS, LoRALinear, LoraSpec, lora_modules, lora_scaling, natural_key
+from .lora import _ACache, FOLLOWER_OF, FUSED_PARTS, LoRALinear, LoraSpec, lora_modules, lora_scaling, natural_key
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -199,5 +199,6 @@ def _load_a(mods, targets, wanted, path) -> None:
                 continue  # the leader's copy sets it
             module.lora_A = torch.nn.Parameter(a.to(module.lora_A.device, torch.float32).clone(),
                                                requires_grad=leader.lora_A.requires_grad)
+            module._a_cache = _ACache()  # no longer shares the leader's x Aᵀ
             continue
         module.lora_A.copy_(a)
