@@ -29,8 +29,8 @@ class LoraSection:
     lora_plus_scale: float = option(1.0, "LoRA+: learning-rate multiplier for the B matrices only (try 4-16).", gt=0)
     rslora_plus: bool = option(
         False, "Shortcut for rslora: true, lora_plus_scale: 4, lora_alpha: 4 (overrides those keys).")
-    lora_path: Optional[str] = option(None, "Adapter checkpoint to start from (peft_model-*.safetensors or "
-                                      "lora_model_state.pdparams, plus lora_config.json).")
+    lora_path: Optional[str] = option(None, "Adapter to start from: a PEFT adapter folder (adapter_config.json + "
+                                      "adapter_model.safetensors), as ernie_core and peft save them.")
 
     def scaling(self) -> float:
         """The factor applied to x·A·B: alpha/r, or alpha/sqrt(r) with rslora; alpha -1 -> 2r (4 with rslora).
