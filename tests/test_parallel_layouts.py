@@ -28,6 +28,8 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
 REL = 1e-5
 
+LORA = ["fine_tuning=LoRA", "learning_rate=1e-3"]
+REFERENCES = {"ref_accum2": [], "ref_accum4": ["gradient_accumulation_steps=4"], "ref_lora": LORA}
 # name: (processes, reference run, overrides). Data-parallel layouts (dp or sharding = 2) read two
 # slices per global batch, so their single-process reference accumulates twice as many micro-batches.
 LAYOUTS = {
@@ -45,6 +47,7 @@ LAYOUTS = {
     "tp2_dp2": (4, "ref_accum4", ["tensor_parallel_degree=2"]),
     # beyond the list: FSDP over TP-sharded DTensors (2-D placements) with sequence parallel
     "tp2_stage3_sp": (4, "ref_accum4", ["tensor_parallel_degree=2", "sharding=stage3", "sequence_parallel=true"]),
+    "pp2_lora": (2, "ref_lora", ["pipeline_parallel_degree=2", *LORA]),  # frozen tied embedding across stages
     "pp2_tp2": (4, "ref_accum2", ["pipeline_parallel_degree=2", "tensor_parallel_degree=2", "pp_seg_method=[0,1,4]",
                                   "save_strategy=steps", "save_steps=5"]),
 }
@@ -72,7 +75,7 @@ def argv(out: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("layouts")
-    run_cli([argv(root / "ref_accum2"), argv(root / "ref_accum4", "gradient_accumulation_steps=4")])
+    run_cli([argv(root / name, *extra) for name, extra in REFERENCES.items()])
     for world in (4, 2):  # 4 first: its PP x TP checkpoint is resumed by a 2-process run
         jobs = [argv(root / name, *extra) for name, (n, _, extra) in LAYOUTS.items() if n == world]
         if world == 2:
@@ -103,14 +106,17 @@ def assert_same_model(out: Path, ref: Path) -> None:
     assert got.keys() == want.keys(), f"tensor names differ: {sorted(got.keys() ^ want.keys())}"
     for name, w in want.items():
         diff = (got[name] - w).abs()
-        # Ten Adam steps from equal starts: only the summation order differs between layouts.
-        assert torch.allclose(got[name], w, rtol=1e-4, atol=1e-6), \
+        # Ten Adam steps from equal starts: only the summation order differs between layouts. LoRA's
+        # B starts at 0, and Adam turns order-level differences of near-zero gradients into lr-sized
+        # steps on isolated adapter entries (mean diff stays ~1e-8), hence a looser atol there.
+        atol = 1e-5 if "lora_" in name else 1e-6
+        assert torch.allclose(got[name], w, rtol=1e-4, atol=atol), \
             f"{name}: max diff {diff.max():.3g}, mean {diff.mean():.3g}, first at {divmod(int(diff.argmax()), w.shape[-1])}"
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
     tensors = {}
-    for f in sorted(out.glob("model-*.safetensors")):
+    for f in sorted(out.glob("model-*.safetensors")) + sorted(out.glob("adapter_model*.safetensors")):
         tensors.update(load_file(str(f)))
     assert tensors, f"no saved model in {out}"
     return tensors

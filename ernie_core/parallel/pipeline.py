@@ -188,7 +188,8 @@ def split_model(full, pp_rank: int, pp: int, bounds: list[tuple[int, int]]) -> P
         if last:
             lm_head = full.lm_head
             if tied:  # its own copy: the embedding lives on another rank (see sync_tied_grads)
-                lm_head.weight = nn.Parameter(full.model.embed_tokens.weight.detach().clone())
+                embed = full.model.embed_tokens.weight
+                lm_head.weight = nn.Parameter(embed.detach().clone(), requires_grad=embed.requires_grad)
         chunks.append(PipelineChunk(full.model.embed_tokens if first else None, layers,
                                     full.model.norm if last else None, lm_head, full.runtime))
     return PipelinedModel(full, chunks, stage_ids, num_stages)
@@ -286,6 +287,8 @@ class PipelineRunner:
         if self.tied_group is None:
             return
         p = self.model.model.embed_tokens.weight if self.has_first else self.model.lm_head.weight
+        if not p.requires_grad:  # frozen (LoRA): nothing to keep in step
+            return
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         from .tensor_parallel import _local
