@@ -86,9 +86,10 @@ def test_lora_dpo_raises_reward_accuracy_and_saves_adapters(tmp_path):
 
 
 def test_lora_resume_continues_from_the_adapter(tmp_path, monkeypatch):
-    """Kill after checkpoint-15 and re-run: the resumed steps give the uninterrupted losses."""
+    """Kill after checkpoint-6 and re-run: the resumed steps give the uninterrupted losses."""
     model_dir, data = build_assets(tmp_path, n_pairs=24)
-    args = run_args(tmp_path, model_dir, data, "fine_tuning=LoRA", "max_steps=20", "save_steps=10")
+    args = run_args(tmp_path, model_dir, data, "fine_tuning=LoRA", "max_steps=10", "save_steps=6",
+                    "per_device_train_batch_size=2")
     assert main(args + [f"output_dir={tmp_path / 'a'}"]) == 0
     ref = [(r["step"], r["loss"]) for r in train_lines(tmp_path / "a")]
     from ernie_core.train.trainer import Trainer
@@ -96,7 +97,7 @@ def test_lora_resume_continues_from_the_adapter(tmp_path, monkeypatch):
     real_step = Trainer.optimizer_step
 
     def dying(self):
-        if self.global_step == 13:
+        if self.global_step == 8:
             raise RuntimeError("simulated crash")
         return real_step(self)
 
@@ -107,7 +108,7 @@ def test_lora_resume_continues_from_the_adapter(tmp_path, monkeypatch):
     assert main(args + [f"output_dir={tmp_path / 'b'}"]) == 0
     got = dict((r["step"], r["loss"]) for r in train_lines(tmp_path / "b"))
     for step, loss in ref:
-        if step > 10:
+        if step > 6:
             assert got[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), step
 
 
