@@ -64,7 +64,7 @@ def main(argv=None):
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--vocab", type=int, default=103424)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    parser.add_argument("--chunk-tokens", type=int, default=None, help="default: ~64 MiB of fp32 logits")
+    parser.add_argument("--chunk-tokens", type=int, default=None, help="default: ~256 MiB of fp32 logits")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child runs")
     parser.add_argument("--impls", nargs="*", default=["fused", "fused_sparse", "naive"],

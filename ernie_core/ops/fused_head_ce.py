@@ -80,7 +80,7 @@ def fused_head_ce(hidden, weight, labels, ignore_index=-100, chunk_tokens=None, 
 
     hidden [..., H], weight [V, H], labels [...] int (ignore_index = no loss). Returns (loss_sum
     fp32 scalar, n_tokens int64 scalar); mean loss = loss_sum / n_tokens. chunk_tokens: tokens
-    per chunk (None: about 64 MiB of fp32 logits per chunk). sparse=True first gathers the
+    per chunk (None: about 256 MiB of fp32 logits per chunk). sparse=True first gathers the
     labelled positions (`use_sparse_head_and_loss_fn`), so unlabelled tokens cost nothing.
     Under autocast hidden and weight are cast to the autocast dtype (like a matmul), else to their
     common dtype; the softmax / CE math is fp32 and dweight is accumulated in fp32.
