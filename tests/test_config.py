@@ -340,7 +340,7 @@ def test_docs_check_flags_stale_file(tmp_path):
 
 
 def test_unsupported_options():
-    assert unsupported_options(load_config(None, [])) == ["lora"]  # LoRA is the default fine_tuning
+    assert unsupported_options(load_config(None, [])) == []  # LoRA (the default fine_tuning) is implemented
     full = ["fine_tuning=Full"]
     assert unsupported_options(load_config(None, full)) == []
     # options that do nothing in this run are not reported
@@ -349,8 +349,9 @@ def test_unsupported_options():
                     "compute_type=fp32", "apply_hadamard=false", "loss_subbatch_seqlen=64"]
     assert unsupported_options(load_config(None, inert)) == []
     got = unsupported_options(load_config(None, full + ["tensor_parallel_degree=2", "stage=DPO", "beta=0.2",
-                                                        "fuse_rope=true", "fp16_opt_level=O2", "sharding=stage1"]))
-    assert got == ["stage", "tensor_parallel_degree", "sharding", "fuse_rope", "fp16_opt_level", "beta"]
+                                                        "fuse_rope=true", "fp16_opt_level=O2", "sharding=stage1",
+                                                        "weight_quantize_algo=weight_only_int8", "moe_group=mp"]))
+    assert got == ["weight_quantize_algo", "compute_type", "moe_group", "fp16_opt_level"]
     supported = full + ["recompute=true", "recompute_granularity=core_attn", "release_grads=true",
                         "use_flash_attention=false", "greedy_intokens=false", "dataloader_num_workers=2",
                         "amp_master_grad=true", "scale_loss=1024", "save_strategy=epoch", "max_evaluate_steps=3"]
@@ -358,17 +359,18 @@ def test_unsupported_options():
 
 
 def test_unsupported_follows_implemented_metadata():
-    assert is_unsupported("fuse_rope", True) and not is_unsupported("fuse_rope", False)
-    assert is_unsupported("lora", True) and not is_unsupported("lora", False)
+    assert is_unsupported("offload_optim", True) and not is_unsupported("offload_optim", False)
+    assert not is_unsupported("lora", True) and not is_unsupported("fuse_rope", True)
     assert not is_unsupported("recompute", True)
     assert not is_unsupported("compute_type", "fp32") and is_unsupported("compute_type", "fp16")
 
 
 def test_unsupported_options_of_erniekit_configs():
     sft = unsupported_options(load_config(FIXTURES / "erniekit_0.3b_sft_8k.yaml", []))
-    assert {"fuse_rope", "fp16_opt_level", "sharding", "use_sparse_head_and_loss_fn"} <= set(sft)
-    assert not {"pipeline_parallel_config", "lora", "stage", "compute_type", "recompute_use_reentrant"} & set(sft)
+    assert {"fp16_opt_level"} <= set(sft)
+    assert not {"pipeline_parallel_config", "lora", "stage", "compute_type", "recompute_use_reentrant", "sharding",
+                "fuse_rope", "use_sparse_head_and_loss_fn"} & set(sft)
     dpo = unsupported_options(load_config(FIXTURES / "erniekit_0.3b_dpo_lora_8k.yaml", []))
-    assert {"stage", "lora", "lora_rank", "rslora"} <= set(dpo)
+    assert not {"stage", "lora", "lora_rank", "rslora"} & set(dpo)
     # tensor/pipeline/sharding options are inert at degree 1, distributed_dataloader without TP/PP
     assert not {"tensor_parallel_config", "sharding", "use_sp_callback", "distributed_dataloader"} & set(dpo)

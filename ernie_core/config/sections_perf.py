@@ -93,9 +93,9 @@ class MemorySection:
 
     release_grads: bool = option(False, "Free gradients after every optimizer step to lower peak memory.")
     use_sparse_head_and_loss_fn: bool = option(
-        False, "Run the LM head only on positions that carry a label. DPO always does this.", implemented=False)
+        False, "Run the LM head only on positions that carry a label. DPO always does this.")
     use_fused_head_and_loss_fn: bool = option(
-        False, "Compute LM head + cross-entropy in chunks so full logits never exist.", implemented=False)
+        False, "Compute LM head + cross-entropy in chunks so full logits never exist.")
     recompute_use_reentrant: bool = option(
         True, "Reentrant activation checkpointing (true) or the hook-based variant (false). Code default "
         "true, as in all shipped configs (the table lists false).")
@@ -134,8 +134,8 @@ class AccelSection:
     use_attn_mask_start_row_indices: bool = option(
         True, "Describe the packed-document mask by start-row indices (false = dense [S, S] mask). "
         "Alias: use_attn_mask_startend_row_indices.")
-    fuse_rope: bool = option(False, "Fused rotary-embedding kernel.", implemented=False)
-    fuse_linear: bool = option(False, "Fused linear kernels (turned off under LoRA).", implemented=False)
+    fuse_rope: bool = option(False, "Fused rotary-embedding kernel.")
+    fuse_linear: bool = option(False, "Fused linear kernels (turned off under LoRA).")
     greedy_intokens: bool = option(
         True, "Greedy packing: fill the open row with the most room from a buffer of samples; false packs "
         "samples in order (next-fit).")
