@@ -2,11 +2,10 @@
 
     python examples/make_assets.py [ROOT]   # rewrites ROOT/data/* and ROOT/tiny_model/* (ROOT: examples/)
 
-Data: short algorithmic tasks with character-level answers that a 4-layer, hidden-128 model learns
-in a few CPU minutes (uppercase, repeat, reversal and first letter of 3-letter words, next/previous
-letter, single-digit sums; the alpaca source adds lowercase and last letter). Held-out eval rows use words
-never seen in training, so exact-match accuracy on them measures more than memorisation (the
-closed-set tasks - letters, digit sums - necessarily repeat facts seen in training).
+Data: letter-by-letter tasks on random 3-letter words that a 4-layer, hidden-128 model learns in a
+few CPU minutes: Uppercase, Repeat and Shift (each letter to the next, z -> a); the alpaca source
+adds Lowercase. Held-out eval rows use words never seen in training, so their exact-match accuracy
+measures a learned rule, not memorised rows.
 Tokenizer: byte-level (256 byte tokens, no merges) plus ERNIE's special tokens, so every answer
 character is one token. Model: ERNIE-4.5-shaped config.json with transformers' ernie4_5 keys.
 """
@@ -25,6 +24,12 @@ SEED = 1234
 SPECIALS = ["<unk>", "<s>", "</s>", "<|end_of_sentence|>", "<|begin_of_sentence|>",
             "<mask:1>", "<mask:4>", "<mask:5>", "<mask:6>", "<mask:7>"]
 SYSTEMS = ["Answer with the result only.", "You are a careful assistant.", "Be brief."]
+TASKS = {"upper": "Uppercase: ", "repeat": "Repeat: ", "shift": "Shift: "}
+# The template's fixed strings become single tokens (matched before the byte-level model, like
+# the special tokens), while words and answers stay one token per letter. A sample shrinks from
+# ~36 to ~11 tokens and each answer letter sits 3 tokens after its source letter, so the tiny
+# model finds the rule in a few hundred steps instead of a few thousand.
+TEMPLATE_PIECES = ["User: ", "\nAssistant: ", *TASKS.values(), "Lowercase: ", *SYSTEMS]
 LETTERS = string.ascii_lowercase
 
 # The §2 template as Jinja, so transformers' apply_chat_template renders what ernie_core renders.
@@ -49,25 +54,14 @@ def word_pools(rng: random.Random, n_train: int, n_eval: int):
 
 
 def make_task(rng: random.Random, words) -> tuple[str, str]:
-    """One (question, answer) pair of a random task."""
-    kind = rng.choice(["upper", "repeat", "next", "prev", "first", "reverse", "sum"])
-    w = rng.choice(words)
+    """One (question, answer) pair. Every task maps the 3 letters of its word one by one, so all
+    tasks share one circuit (look back a fixed distance) and differ only in the letter map."""
+    kind, w = rng.choice(sorted(TASKS)), rng.choice(words)
     if kind == "upper":
-        return f"Uppercase: {w}", w.upper()
+        return TASKS[kind] + w, w.upper()
     if kind == "repeat":
-        return f"Repeat: {w}", w
-    if kind == "next":
-        c = rng.choice(LETTERS[:-1])
-        return f"Next letter after {c}?", chr(ord(c) + 1)
-    if kind == "prev":
-        c = rng.choice(LETTERS[1:])
-        return f"Letter before {c}?", chr(ord(c) - 1)
-    if kind == "first":
-        return f"First letter of {w}?", w[0]
-    if kind == "reverse":
-        return f"Reverse: {w}", w[::-1]
-    a, b = rng.randint(0, 9), rng.randint(0, 9)
-    return f"Sum: {a}+{b}", str(a + b)
+        return TASKS[kind] + w, w
+    return TASKS[kind] + w, "".join(LETTERS[(LETTERS.index(c) + 1) % 26] for c in w)  # z wraps to a
 
 
 def erniekit_row(rng: random.Random, words, multi_turn_p: float) -> dict:
@@ -87,10 +81,7 @@ def erniekit_row(rng: random.Random, words, multi_turn_p: float) -> dict:
 
 def alpaca_row(rng: random.Random, words) -> dict:
     w = rng.choice(words)
-    if rng.random() < 0.5:
-        row = {"instruction": "Lowercase: ", "input": w.upper(), "output": w}
-    else:
-        row = {"instruction": f"Last letter of {w}?", "input": "", "output": w[-1]}
+    row = {"instruction": "Lowercase: ", "input": w.upper(), "output": w}
     if rng.random() < 0.2:
         row["system"] = rng.choice(SYSTEMS)
     return row
@@ -115,7 +106,7 @@ def write_data(rng: random.Random, root: Path) -> list[str]:
 
 
 def write_tokenizer(texts: list[str], model_dir: Path) -> int:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
@@ -125,6 +116,7 @@ def write_tokenizer(texts: list[str], model_dir: Path) -> int:
     trainer = trainers.BpeTrainer(vocab_size=len(SPECIALS) + len(alphabet), special_tokens=SPECIALS,
                                   initial_alphabet=alphabet, show_progress=False)
     tk.train_from_iterator(texts, trainer)
+    tk.add_tokens([AddedToken(piece, normalized=False) for piece in TEMPLATE_PIECES])
     model_dir.mkdir(parents=True, exist_ok=True)
     tk.save(str(model_dir / "tokenizer.json"))
     roles = {"unk_token": "<unk>", "pad_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>",

@@ -42,10 +42,12 @@ def test_special_ids_come_from_the_vocabulary(tok):
     assert {tok.token_to_id(f"<mask:{k}>") for k in (1, 4, 5, 6, 7)}.isdisjoint({None})
 
 
-def test_tiny_tokenizer_is_byte_level():
+def test_tiny_tokenizer_is_byte_level_with_template_pieces():
     tok = load_tokenizer(TINY)
-    assert tok.vocab_size == 266 and (tok.cls_id, tok.sep_id) == (4, 3)
-    assert len(tok.encode("Uppercase: cat\n")) == len("Uppercase: cat\n")
+    assert (tok.cls_id, tok.sep_id) == (4, 3) and 266 < tok.vocab_size <= 320
+    assert len(tok.encode("xyz q\n")) == len("xyz q\n")  # one token per byte
+    ids = tok.encode("User: Uppercase: abc\nAssistant: ABC")  # fixed strings are single tokens
+    assert len(ids) == 9 and tok.decode(ids) == "User: Uppercase: abc\nAssistant: ABC"
 
 
 def test_special_tokens_are_matched_before_the_subword_model(tok):

@@ -14,7 +14,6 @@ import os
 import weakref
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ernie_core.data.mixing import SourceCycler, epoch_counts, epoch_order, estimate_packs, parse_sources
