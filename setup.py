@@ -1,7 +1,8 @@
 """Builds ernie_core._C: the C++ kernels (csrc/) and their torch bindings (python/).
 
 CPU kernels always; CUDA kernels (csrc/cuda/*.cu + python/*_cuda.cpp) only when torch has CUDA
-and CUDA_HOME is set. Only python/*.cpp include torch, so few translation units pay for the torch
+and CUDA_HOME is set (ERNIE_CORE_CPU_ONLY=1 skips them; TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0a";
+the CUTLASS/CuTe headers come from the nvidia-cutlass wheel or $ERNIE_CUTLASS_INCLUDE). Only python/*.cpp include torch, so few translation units pay for the torch
 headers; ninja compiles MAX_JOBS (default 2) of them at a time.
 
     pip install --no-build-isolation -e .        # after torch is installed
@@ -35,7 +36,29 @@ def _cpu_flags():
 def _with_cuda():
     import torch
 
+    if os.environ.get("ERNIE_CORE_CPU_ONLY"):
+        return False
     return torch.cuda.is_available() or (torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None)
+
+
+def _cutlass_include():
+    """CUTLASS/CuTe headers for the Hopper kernel: $ERNIE_CUTLASS_INCLUDE, else the `nvidia-cutlass`
+    wheel's copy (`pip install --no-deps nvidia-cutlass`, as `make` does), else build/cutlass/."""
+    env = os.environ.get("ERNIE_CUTLASS_INCLUDE")
+    candidates = [env] if env else []
+    try:
+        import cutlass_library
+
+        candidates.append(os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include"))
+    except ImportError:
+        pass
+    candidates.append(os.path.join(ROOT, "build", "cutlass", "cutlass_library", "source", "include"))
+    for inc in candidates:
+        if inc and os.path.isdir(os.path.join(inc, "cute")):
+            return inc
+    raise SystemExit("ernie_core: building the CUDA kernels needs the CUTLASS headers: pip install --no-deps "
+                     "nvidia-cutlass==4.2.0.0, or set ERNIE_CUTLASS_INCLUDE=<dir holding cute/ and cutlass/>, "
+                     "or build CPU-only with ERNIE_CORE_CPU_ONLY=1")
 
 
 def extensions():
@@ -45,7 +68,10 @@ def extensions():
     if _with_cuda() and (_rel("csrc/cuda/*.cu") or _rel("python/*_cuda.cpp")):
         # Hook for the GPU kernels: their sources, flags and arch list are filled in by that work.
         sources = cpu_sources + _rel("python/*_cuda.cpp") + _rel("csrc/cuda/*.cu")
-        flags["nvcc"] = ["-O3", "--use_fast_math", "-std=c++17", "-DERNIE_CORE_WITH_CUDA"]
+        # Hopper (wgmma needs the arch-specific sm_90a target) and Ampere unless the user chose.
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+        include_dirs.append(_cutlass_include())
+        flags["nvcc"] = ["-O3", "--use_fast_math", "-std=c++17", "--expt-relaxed-constexpr", "-DERNIE_CORE_WITH_CUDA"]
         flags["cxx"].append("-DERNIE_CORE_WITH_CUDA")
         return [cpp_extension.CUDAExtension("ernie_core._C", sources, include_dirs=include_dirs,
                                             extra_compile_args=flags, extra_link_args=["-fopenmp"])]
