@@ -22,6 +22,10 @@ def run_training(cfg) -> dict:
     # Under torchrun (WORLD_SIZE > 1): process group + mesh, and a failing rank stops every rank.
     with parallel_session(cfg) as par:
         par.check_objective(objective.name)
+        if not par.is_main:  # every rank reads the same files: their notes (dropped rows, ...) once
+            import logging
+
+            logging.getLogger("ernie_core.data").setLevel(logging.ERROR)
         trainer = Trainer(cfg, objective, rank=par.rank, world_size=par.world_size, parallel=par)
         trainer.setup()
         state = trainer.train()
