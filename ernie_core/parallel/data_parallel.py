@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import ConfigError
+from .dims import parse_option_list
 
 SHARDING_OPTIONS = {
     "enable_stage1_overlap": "no-op: the stage1 all-gather is one bucketed collective after the update",
@@ -38,12 +39,7 @@ SHARDING_OPTIONS = {
 
 
 def parse_sharding_options(value: str) -> set[str]:
-    opts = set(str(value or "").split())
-    unknown = opts - set(SHARDING_OPTIONS)
-    if unknown:
-        raise ConfigError(f"sharding_parallel_config: unknown option(s) {sorted(unknown)}; known: "
-                          f"{', '.join(sorted(SHARDING_OPTIONS))}")
-    return opts
+    return parse_option_list("sharding_parallel_config", value, SHARDING_OPTIONS)
 
 
 def apply_data_parallel(root: nn.Module, layers: list[nn.Module], mesh, dims) -> None:

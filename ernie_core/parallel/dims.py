@@ -12,6 +12,16 @@ from dataclasses import dataclass
 from ..errors import ConfigError
 
 MESH_DIMS = ("dp", "sharding", "pp", "tp")
+
+def parse_option_list(key: str, value, known) -> set[str]:
+    """A space-separated ERNIEKit option string (`pipeline_parallel_config: "a b"`) as a set; an
+    option not in `known` stops the run naming the key and listing the known ones."""
+    opts = set(str(value or "").split())
+    unknown = opts - set(known)
+    if unknown:
+        raise ConfigError(f"{key}: unknown option(s) {sorted(unknown)}; known: {', '.join(sorted(known))}")
+    return opts
+
 _STAGES = {"stage1": 1, "stage2": 2, "stage3": 3}
 
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from .dims import parse_option_list
 
 IGNORE_INDEX = -100
 
@@ -38,12 +39,7 @@ PP_OPTIONS = {
 
 
 def parse_pp_options(value: str) -> set[str]:
-    opts = set(str(value or "").split())
-    unknown = opts - set(PP_OPTIONS)
-    if unknown:
-        raise ConfigError(f"pipeline_parallel_config: unknown option(s) {sorted(unknown)}; known: "
-                          f"{', '.join(sorted(PP_OPTIONS))}")
-    return opts
+    return parse_option_list("pipeline_parallel_config", value, PP_OPTIONS)
 
 
 def _uniform(num_items: int, num_parts: int) -> list[int]:

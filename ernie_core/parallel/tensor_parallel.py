@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import ConfigError
+from .dims import parse_option_list
 
 TP_OPTIONS = ("sync_param", "sync_grad", "sync_moment")
 
@@ -47,11 +48,7 @@ def check_tp_shapes(config, tp: int, *, fuse_linear: bool, fused_head: bool) -> 
 
 
 def parse_tp_options(value: str) -> set[str]:
-    opts = set(str(value or "").split())
-    unknown = opts - set(TP_OPTIONS)
-    if unknown:
-        raise ConfigError(f"tensor_parallel_config: unknown option(s) {sorted(unknown)}; known: {', '.join(TP_OPTIONS)}")
-    return opts
+    return parse_option_list("tensor_parallel_config", value, TP_OPTIONS)
 
 
 def apply_tp(model: nn.Module, tp_mesh, *, sequence_parallel: bool, tensor_parallel_output: bool) -> list[str]:
