@@ -23,7 +23,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..errors import ConfigError
 from .dims import parse_option_list
 
 SHARDING_OPTIONS = {
