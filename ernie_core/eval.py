@@ -1,15 +1,32 @@
 """`python -m ernie_core.eval CONFIG.yaml [key=value ...]`: eval_loss and eval_ppl of
 `model_name_or_path` on the config's eval datasets (every row once, in order), plus held-out
-exact-match accuracy when `eval_generate_samples` > 0. Prints one JSON line."""
+exact-match accuracy when `eval_generate_samples` > 0. Prints one JSON line.
+
+`model_name_or_path` may be a LoRA run's output_dir or checkpoint (or any PEFT / ERNIEKit adapter
+dir): the adapter is applied to its base and merged (`Ernie4_5ForCausalLM.from_pretrained`), so the
+loss is the adapted model's and generation runs at base speed. The tokenizer comes from that dir,
+else from the adapter's base."""
 from __future__ import annotations
 
 import json
 import math
 import sys
+from pathlib import Path
 
 import torch
 
 from .errors import UserError
+
+
+def tokenizer_dir(path) -> Path:
+    """`path`, or for an adapter dir without tokenizer files its base model's dir."""
+    from .models.io import find_lora_base
+    from .peft import is_adapter_dir
+
+    path = Path(path)
+    if is_adapter_dir(path) and not any((path / f).is_file() for f in ("tokenizer.model", "tokenizer.json")):
+        return find_lora_base(path)
+    return path
 
 
 def evaluate(cfg) -> dict:
@@ -20,7 +37,7 @@ def evaluate(cfg) -> dict:
 
     if not cfg.eval.eval_dataset_path:
         raise UserError("eval_dataset_path is empty: nothing to evaluate")
-    tok = load_tokenizer(cfg.basic.model_name_or_path)
+    tok = load_tokenizer(tokenizer_dir(cfg.basic.model_name_or_path))
     model = Ernie4_5ForCausalLM.from_pretrained(cfg.basic.model_name_or_path, **model_runtime_kwargs(cfg)).eval()
     batches = build_eval_batches(cfg, tok)
     limit = cfg.eval.max_evaluate_steps

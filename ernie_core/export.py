@@ -6,9 +6,11 @@ transformers loads directly. With `--merge-lora` the directory's PEFT adapter is
 base is streamed one tensor at a time and shards are written as they fill, so memory stays at about
 one shard, whatever the model size.
 
-The LoRA base is, in order: model files in the directory itself (a run whose base was freshly
-initialised saves it there), `--base`, or the adapter's `base_model_name_or_path`.
-Default output: `<dir>/export`.
+The adapter is a PEFT one (adapter_config.json + adapter_model.safetensors, what ernie_core runs
+write) or ERNIEKit's (lora_config.json + peft_model*.safetensors or lora_model_state.pdparams, its
+fused q|k|v and gate|up adapters split exactly). The LoRA base is, in order: model files in the
+directory itself (a run whose base was freshly initialised saves it there), `--base`, or the
+adapter's `base_model_name_or_path`. Default output: `<dir>/export`.
 """
 from __future__ import annotations
 
@@ -70,29 +72,18 @@ class ShardWriter:
         (self.out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _has_model_files(path: Path) -> bool:
-    return (path / "model.safetensors.index.json").is_file() or any(path.glob("model*.safetensors"))
-
-
-def find_base(src: Path, override: str | None, adapter_cfg: dict) -> Path:
+def find_base(src: Path, override: str | None) -> Path:
     """Where the LoRA base weights live (see the module docstring for the order)."""
-    if _has_model_files(src):
-        return src
-    candidate = override or adapter_cfg.get("base_model_name_or_path")
-    if not candidate:
-        raise UserError(f"{src}: the adapter names no base model (base_model_name_or_path); pass --base DIR")
-    base = Path(candidate)
-    if not base.is_dir() or not (base / "config.json").is_file():
-        raise UserError(f"base model {base} (from {'--base' if override else 'adapter_config.json'}) is not a model "
-                        "directory with config.json; pass --base DIR")
-    return base
+    from .models.io import find_lora_base
+
+    return find_lora_base(src, override, hint="pass --base DIR")
 
 
 def export(src, *, merge_lora: bool, out=None, max_shard_size="5GB", base=None) -> Path:
     """Write the merged (or re-sharded) HF checkpoint of `src` into `out`; returns `out`."""
     from .models import Ernie4_5Config
     from .models.io import iter_hf_tensors, parse_size
-    from .peft import is_adapter_dir, read_adapter
+    from .peft import is_adapter_dir, read_any_adapter
     from .peft.merge import merge_stream
 
     src = Path(src)
@@ -102,10 +93,11 @@ def export(src, *, merge_lora: bool, out=None, max_shard_size="5GB", base=None) 
     if lora and not merge_lora:
         raise UserError(f"{src} holds a LoRA adapter; pass --merge-lora to fold it into its base")
     if merge_lora and not lora:
-        raise UserError(f"{src}: --merge-lora needs adapter_config.json + adapter_model.safetensors there")
-    adapter_cfg, adapter = read_adapter(src) if lora else ({}, {})
-    base_dir = find_base(src, base, adapter_cfg) if lora else src
+        raise UserError(f"{src}: --merge-lora needs adapter_config.json + adapter_model.safetensors there (or "
+                        "ERNIEKit's lora_config.json + peft_model*.safetensors / lora_model_state.pdparams)")
+    base_dir = find_base(src, base) if lora else src
     cfg = Ernie4_5Config.from_pretrained(base_dir)
+    adapter_cfg, adapter = read_any_adapter(src, cfg) if lora else ({}, {})
     out = Path(out) if out is not None else src / "export"
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -30,6 +30,8 @@ PADDLE_PREFIX = "ernie."
 # Keys a checkpoint may carry that the dense model does not use: the 21B release's MTP block
 # (fine-tuning ignores it, §1.1) and rotary caches some older exports saved.
 _IGNORED_KEY = re.compile(r"(^|\.)mtp_|rotary_emb\.inv_freq$")
+# Adapter weights that may sit next to a LoRA run's base weights (PEFT's, ERNIEKit's).
+_ADAPTER_FILES = ("adapter_model", "peft_model")
 # The two fused weights and their parts, in row order ([out, in] layout).
 _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "up_gate_proj": ("gate_proj", "up_proj")}
 
@@ -86,7 +88,7 @@ def checkpoint_files(path: Path) -> list[Path]:
         return files
     if (path / SINGLE_NAME).is_file():
         return [path / SINGLE_NAME]
-    found = sorted(path.glob("*.safetensors"))
+    found = sorted(p for p in path.glob("*.safetensors") if not p.name.startswith(_ADAPTER_FILES))
     if found:
         return found
     others = sorted(p.name for p in path.iterdir() if p.suffix in (".pdparams", ".bin", ".pt", ".pth"))
@@ -196,9 +198,28 @@ def resolve_dtype(dtype, cfg: Ernie4_5Config) -> torch.dtype:
     return dtype
 
 
-def load_pretrained(path, dtype=None, **runtime) -> Ernie4_5ForCausalLM:
-    """Build the model from `<path>/config.json` and load its HF or Paddle safetensors weights."""
+def load_pretrained(path, dtype=None, merge_lora: bool = True, base_model=None, **runtime) -> Ernie4_5ForCausalLM:
+    """Build the model from `<path>/config.json` and load its HF or Paddle safetensors weights.
+
+    A LoRA adapter dir (a LoRA run's output_dir or checkpoint, a PEFT adapter, or ERNIEKit's
+    lora_config.json + peft_model*.safetensors / lora_model_state.pdparams) loads as base + adapter:
+    the base is `path` itself when it has model weights (a run on a freshly initialised base saves
+    it there), else `base_model` if given, else the adapter config's base_model_name_or_path.
+    merge_lora=True (default) folds the adapter into the weights (W + scaling·B A in fp32), giving a
+    plain model that runs at base speed; merge_lora=False keeps LoRALinear modules (`model.lora_spec`
+    set, adapters trainable, `peft.adapters_disabled` works) for inspection or further training.
+    Both are ignored for a plain model dir.
+    """
     path = Path(path)
+    if path.is_dir():
+        from ..peft.peft_format import adapter_format
+
+        if adapter_format(path) is not None:
+            return load_lora_pretrained(path, dtype=dtype, merge_lora=merge_lora, base_model=base_model, **runtime)
+    return _load_model_dir(path, dtype, runtime)
+
+
+def _load_model_dir(path: Path, dtype, runtime: dict) -> Ernie4_5ForCausalLM:
     cfg = Ernie4_5Config.from_pretrained(path)
     checkpoint_files(path)  # fail on missing weights before allocating the model
     target = resolve_dtype(dtype, cfg)
@@ -207,6 +228,71 @@ def load_pretrained(path, dtype=None, **runtime) -> Ernie4_5ForCausalLM:
     model = model.to(target).to_empty(device="cpu")
     model.tie_weights()  # to_empty gives each module its own tensor; share the embedding again
     load_hf_tensors(model, iter_hf_tensors(path, cfg), path)
+    return model
+
+
+def has_model_files(path) -> bool:
+    """config.json plus HF/Paddle safetensors model weights (not an adapter's) in `path`."""
+    path = Path(path)
+    if not (path / CONFIG_NAME).is_file():
+        return False
+    return (path / INDEX_NAME).is_file() or any(path.glob("model*.safetensors"))
+
+
+def _candidate_dirs(name: str, adapter_dir: Path) -> list[Path]:
+    """A relative base_model_name_or_path is tried from the working directory, then from the adapter's."""
+    p = Path(name).expanduser()
+    return [p] if p.is_absolute() else [p, adapter_dir / p]
+
+
+def find_lora_base(adapter_dir, override=None, hint: str | None = None) -> Path:
+    """Where the base weights of the adapter in `adapter_dir` are: the dir itself when it has model
+    weights, else `override`, else the adapter config's base_model_name_or_path. UserError naming
+    every place looked at otherwise."""
+    from ..peft.peft_format import read_any_config
+
+    adapter_dir = Path(adapter_dir)
+    if has_model_files(adapter_dir):
+        return adapter_dir
+    if override is not None:
+        if not has_model_files(override):
+            raise UserError(f"base model {override} is not a model directory (config.json + model*.safetensors)")
+        return Path(override)
+    acfg = read_any_config(adapter_dir)
+    cfg_file = acfg.get("source") or str(adapter_dir / "adapter_config.json")
+    name = acfg.get("base_model_name_or_path")
+    if name:
+        for candidate in _candidate_dirs(str(name), adapter_dir):
+            if has_model_files(candidate):
+                return candidate
+        named = f"its base_model_name_or_path {name} (from {cfg_file}) is not a model directory " \
+                "(config.json + model*.safetensors)"
+    else:
+        named = f"{cfg_file} names no base_model_name_or_path"
+    hint = hint or f"fix base_model_name_or_path in {cfg_file} or pass base_model=DIR to from_pretrained"
+    raise UserError(f"LoRA adapter {adapter_dir} has no base model: {adapter_dir} holds no model weights and {named}; "
+                    f"{hint}")
+
+
+def load_lora_pretrained(path, dtype=None, merge_lora: bool = True, base_model=None, **runtime) -> Ernie4_5ForCausalLM:
+    """Base model + the LoRA adapter in `path` (see `load_pretrained`)."""
+    from .. import peft
+    from ..peft.peft_format import adapter_leaves, load_adapter_tensors, read_any_adapter
+
+    path = Path(path)
+    base = find_lora_base(path, base_model)
+    model = _load_model_dir(base, dtype, runtime)
+    cfg, tensors = read_any_adapter(path, model.config)
+    leaves = adapter_leaves(tensors)
+    if runtime.get("fuse_linear"):  # our fused linears carry the parts' adapters
+        from ..peft.lora import FUSED_PARTS
+
+        leaves |= {fused for fused, parts in FUSED_PARTS.items() if leaves & set(parts)}
+    peft.apply_lora(model, rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), rslora=bool(cfg.get("use_rslora")),
+                    targets=tuple(sorted(leaves)))
+    load_adapter_tensors(model, tensors, path)
+    if merge_lora:
+        peft.merge_lora(model)
     return model
 
 

@@ -8,6 +8,9 @@ with PEFT's names for transformers' Ernie 4.5 modules, so
 Fused q|k|v or gate|up adapters (ours with fuse_linear, or ERNIEKit's) are written split: each part
 gets a copy of A and its rows of B, which is the same function (§6, "Export to split PEFT form is
 exact"). Reading back, parts whose A's are equal become one shared A again.
+
+`load_adapter` / `read_any_adapter` also read ERNIEKit's adapters (lora_config.json +
+peft_model*.safetensors or lora_model_state.pdparams, `erniekit_format`), converted to these names.
 """
 from __future__ import annotations
 
@@ -26,9 +29,28 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 
 
-def is_adapter_dir(path) -> bool:
+def is_peft_adapter_dir(path) -> bool:
+    """A PEFT adapter dir (or what is left of one: a missing file is reported when reading)."""
     path = Path(path)
-    return (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file()
+    return (path / CONFIG_NAME).is_file() or (path / WEIGHTS_NAME).is_file()
+
+
+def adapter_format(path) -> str | None:
+    """"peft", "erniekit" (lora_config.json + peft_model*.safetensors / lora_model_state.pdparams) or
+    None when `path` holds no adapter."""
+    from .erniekit_format import is_erniekit_adapter_dir
+
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    if is_peft_adapter_dir(path):
+        return "peft"
+    return "erniekit" if is_erniekit_adapter_dir(path) else None
+
+
+def is_adapter_dir(path) -> bool:
+    """`path` holds a LoRA adapter, PEFT's or ERNIEKit's."""
+    return adapter_format(path) is not None
 
 
 def fused_sizes(leaf: str, model_config) -> tuple[int, ...]:
@@ -100,8 +122,21 @@ def save_model_adapter(model, path, *, base_model_name_or_path: str | None = Non
 def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(adapter_config dict, {PEFT key: tensor}) of a PEFT adapter dir; UserError naming what is wrong."""
     path = Path(path)
-    if not is_adapter_dir(path):
-        raise UserError(f"{path}: not a LoRA adapter (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
+    cfg = read_adapter_config(path)
+    if not (path / WEIGHTS_NAME).is_file():
+        raise UserError(f"{path / WEIGHTS_NAME}: missing (a PEFT adapter needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+    with safe_open(str(path / WEIGHTS_NAME), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return cfg, tensors
+
+
+def read_adapter_config(path) -> dict:
+    """adapter_config.json of a PEFT adapter dir, checked for what this project supports."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path}: no such directory")
+    if not (path / CONFIG_NAME).is_file():
+        raise UserError(f"{path / CONFIG_NAME}: missing (a PEFT adapter needs {CONFIG_NAME} and {WEIGHTS_NAME})")
     try:
         cfg = json.loads((path / CONFIG_NAME).read_text())
     except ValueError as e:
@@ -113,9 +148,34 @@ def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
             raise UserError(f"{path / CONFIG_NAME}: per-module {key} is not supported; one rank and alpha for all")
     if cfg.get("use_dora"):
         raise UserError(f"{path / CONFIG_NAME}: DoRA adapters are not supported")
-    with safe_open(str(path / WEIGHTS_NAME), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return cfg, tensors
+    if not isinstance(cfg.get("r"), int) or "lora_alpha" not in cfg:
+        raise UserError(f"{path / CONFIG_NAME}: needs an integer 'r' and 'lora_alpha'")
+    return cfg
+
+
+def read_any_config(path) -> dict:
+    """The adapter config (PEFT's adapter_config.json, or ERNIEKit's lora_config.json as
+    `erniekit_format.peft_config` gives it) without reading the weights."""
+    from .erniekit_format import peft_config
+
+    fmt = adapter_format(path)
+    if fmt is None:
+        raise UserError(f"{path}: no LoRA adapter here (expected {CONFIG_NAME} + {WEIGHTS_NAME}, or ERNIEKit's "
+                        "lora_config.json + peft_model*.safetensors / lora_model_state.pdparams)")
+    return read_adapter_config(path) if fmt == "peft" else peft_config(path)
+
+
+def read_any_adapter(path, model_config=None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, {PEFT key: tensor}) of a PEFT or ERNIEKit adapter dir; ERNIEKit's fused q|k|v and
+    gate|up adapters come split, which needs the base's `model_config`."""
+    from .erniekit_format import read_erniekit_adapter
+
+    read_any_config(path)  # the "no adapter here" error
+    if adapter_format(path) == "peft":
+        return read_adapter(path)
+    if model_config is None:
+        raise ValueError("reading an ERNIEKit adapter needs the model config (q/k/v split sizes)")
+    return read_erniekit_adapter(path, model_config)
 
 
 def config_scaling(cfg: dict) -> float:
@@ -133,19 +193,36 @@ def _peft_module(key: str) -> tuple[str, str]:
     return module, which
 
 
-@torch.no_grad()
 def load_adapter(model, path) -> None:
-    """Copy a PEFT adapter into a model that has adapters (apply_lora) of the same rank and scaling.
+    """Copy a PEFT or ERNIEKit adapter into a model that has adapters (apply_lora).
 
-    q/k/v (gate/up) parts whose A's differ stop sharing one A in this model (per-projection adapters,
-    as PEFT itself trains them); equal ones stay shared.
+    PEFT: same rank and scaling required. ERNIEKit: r, lora_alpha and rslora of lora_config.json
+    must each equal the model's (`erniekit_format.check_matches_run`); its fused adapters load into
+    our split linears with q|k|v (gate|up) sharing one A. q/k/v (gate/up) parts whose A's differ
+    stop sharing one A in this model (per-projection adapters, as PEFT itself trains them); equal
+    ones stay shared.
     """
-    cfg, tensors = read_adapter(path)
+    cfg, tensors = read_any_adapter(path, getattr(model, "config", None))
     spec: LoraSpec = model.lora_spec
-    if int(cfg["r"]) != spec.rank or abs(config_scaling(cfg) - spec.scaling) > 1e-6 * max(1.0, spec.scaling):
+    if "erniekit" in cfg:
+        from .erniekit_format import check_matches_run
+
+        check_matches_run(cfg, spec)
+    elif int(cfg["r"]) != spec.rank or abs(config_scaling(cfg) - spec.scaling) > 1e-6 * max(1.0, spec.scaling):
         raise UserError(f"{path}: adapter has r={cfg['r']}, lora_alpha={cfg['lora_alpha']}, "
                         f"use_rslora={cfg.get('use_rslora', False)} (scaling {config_scaling(cfg):.4g}) but this run "
                         f"has lora_rank={spec.rank}, scaling {spec.scaling:.4g}; set lora_rank/lora_alpha/rslora to match")
+    load_adapter_tensors(model, tensors, path)
+
+
+def adapter_leaves(tensors: dict[str, torch.Tensor]) -> set[str]:
+    """Leaf names ("q_proj", ...) of the modules a {PEFT key: tensor} adapter covers."""
+    return {_peft_module(k)[0].rpartition(".")[2] for k in tensors}
+
+
+@torch.no_grad()
+def load_adapter_tensors(model, tensors: dict[str, torch.Tensor], path) -> None:
+    """Copy {PEFT key: tensor} into the model's adapters (names and shapes must match exactly)."""
     wanted: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         module, which = _peft_module(key)
@@ -156,6 +233,9 @@ def load_adapter(model, path) -> None:
     unknown = [m for m in wanted if m not in targets]
     if missing or unknown:
         raise UserError(f"{path}: adapter modules do not match the model (missing {missing[:3]}, unknown {unknown[:3]})")
+    for name, ab in wanted.items():
+        if set(ab) != {"lora_A", "lora_B"}:
+            raise UserError(f"{path}: adapter module {name} has no {({'lora_A', 'lora_B'} - set(ab)).pop()}")
     for name, (module, rows) in targets.items():
         a, b = wanted[name]["lora_A"], wanted[name]["lora_B"]
         view_b = module.lora_B[rows] if rows is not None else module.lora_B

@@ -4,7 +4,15 @@ A LoRA checkpoint (and the final output_dir) holds the PEFT adapter (adapter_con
 adapter_model.safetensors, `peft_format`) plus the optimizer/trainer state the trainer writes. The
 frozen base is not copied into every checkpoint: it is model_name_or_path. Only when the base was
 freshly initialised (continue_training: false, demos) is it saved next to the adapter, so resume and
-`python -m ernie_core.export --merge-lora` find it there.
+`python -m ernie_core.export --merge-lora` find it there. Either way
+`Ernie4_5ForCausalLM.from_pretrained(output_dir)` and `python -m ernie_core.eval` load base + adapter.
+
+`lora_path` starts the adapters from a PEFT adapter or from ERNIEKit's (lora_config.json +
+peft_model*.safetensors / lora_model_state.pdparams, `erniekit_format`). ERNIEKit's r, lora_alpha
+and rslora must equal the run's lora_rank / lora_alpha / rslora (alpha compared after -1 -> 2r);
+the run stops with the key and both values otherwise, rather than silently adopting them, since they
+also decide the shapes and scale of what is trained next. lora_plus_scale is only a learning-rate
+multiplier and is taken from the run.
 """
 from __future__ import annotations
 
@@ -13,7 +21,8 @@ from pathlib import Path
 import torch
 
 from .lora import LoraSpec, apply_lora
-from .peft_format import is_adapter_dir, load_adapter, save_adapter
+from ..errors import UserError
+from .peft_format import adapter_format, load_adapter, save_adapter
 
 LORA_SUFFIXES = (".lora_A", ".lora_B")
 
@@ -50,11 +59,12 @@ class LoraRun:
         spec = apply_lora(model, rank=rank, alpha=alpha, rslora=rslora,
                           base_dtype=torch.bfloat16 if bf16_base else None)
         if adapter_path is not None:
-            if not is_adapter_dir(adapter_path):
-                from ..errors import UserError
-
-                raise UserError(f"lora_path {adapter_path}: expected adapter_config.json + adapter_model.safetensors "
-                                "(a PEFT adapter, as ernie_core and peft save them)")
+            if not Path(adapter_path).is_dir():
+                raise UserError(f"lora_path {adapter_path}: no such directory")
+            if adapter_format(adapter_path) is None:
+                raise UserError(f"lora_path {adapter_path}: no LoRA adapter there (expected adapter_config.json + "
+                                "adapter_model.safetensors as ernie_core and peft save them, or ERNIEKit's "
+                                "lora_config.json + peft_model*.safetensors / lora_model_state.pdparams)")
             load_adapter(model, adapter_path)
         return cls(spec, model.config, base_path, save_base)
 
