@@ -106,7 +106,8 @@ def flashmask_attention(q, k, v, startend_row_indices=None, causal=True, softmax
         idx = default_indices(q, causal)
     else:
         idx = startend_row_indices if startend_row_indices.dtype == torch.int32 else startend_row_indices.int()
-    if dropout_p > 0.0:
-        return ref.flashmask_attention_reference(q, k, v, idx, causal, scale, dropout_p)
+    if dropout_p > 0.0:  # fp32 scores/softmax inside, as the kernels: autocast must not make them bf16
+        with _dtypes.no_autocast(q):
+            return ref.flashmask_attention_reference(q, k, v, idx, causal, scale, dropout_p)
     out, _ = flashmask_attention_op(q, k, v, idx, causal, scale)
     return out
