@@ -351,26 +351,73 @@ def test_unsupported_options():
     got = unsupported_options(load_config(None, full + ["tensor_parallel_degree=2", "stage=DPO", "beta=0.2",
                                                         "fuse_rope=true", "fp16_opt_level=O2", "sharding=stage1",
                                                         "weight_quantize_algo=weight_only_int8", "moe_group=mp"]))
-    assert got == ["weight_quantize_algo", "compute_type", "moe_group", "fp16_opt_level"]
+    assert got == ["weight_quantize_algo", "compute_type", "moe_group"]
     supported = full + ["recompute=true", "recompute_granularity=core_attn", "release_grads=true",
                         "use_flash_attention=false", "greedy_intokens=false", "dataloader_num_workers=2",
-                        "amp_master_grad=true", "scale_loss=1024", "save_strategy=epoch", "max_evaluate_steps=3"]
+                        "amp_master_grad=true", "scale_loss=1024", "save_strategy=epoch", "max_evaluate_steps=3",
+                        "fp16_opt_level=O2", "offload_optim=true", "optim=adamw_custom",
+                        "use_lowprecision_moment=true", "tensorwise_offload_optimizer=true",
+                        "amp_custom_white_list=matmul flash_attn", "amp_custom_black_list=sin cos",
+                        "unified_checkpoint_config=enable_all_options remove_master_weight ignore_merge_optimizer"]
     assert unsupported_options(load_config(None, supported)) == []
+    assert unsupported_options(load_config(None, full + ["compute_type=fp16"])) == ["compute_type", "fp16"]
 
 
 def test_unsupported_follows_implemented_metadata():
-    assert is_unsupported("offload_optim", True) and not is_unsupported("offload_optim", False)
+    assert is_unsupported("fp16", True) and not is_unsupported("fp16", False)
+    for key, value in (("offload_optim", True), ("fp16_opt_level", "O2"), ("amp_custom_white_list", ["matmul"]),
+                       ("tensorwise_offload_optimizer", True), ("use_lowprecision_moment", True),
+                       ("unified_checkpoint_config", "async_save")):
+        assert not is_unsupported(key, value), key
     assert not is_unsupported("lora", True) and not is_unsupported("fuse_rope", True)
     assert not is_unsupported("recompute", True)
     assert not is_unsupported("compute_type", "fp32") and is_unsupported("compute_type", "fp16")
 
 
 def test_unsupported_options_of_erniekit_configs():
+    # precision/optimizer/checkpoint options of both 0.3B configs are implemented: they run unchanged
     sft = unsupported_options(load_config(FIXTURES / "erniekit_0.3b_sft_8k.yaml", []))
-    assert {"fp16_opt_level"} <= set(sft)
-    assert not {"pipeline_parallel_config", "lora", "stage", "compute_type", "recompute_use_reentrant", "sharding",
-                "fuse_rope", "use_sparse_head_and_loss_fn"} & set(sft)
+    assert sft == []
     dpo = unsupported_options(load_config(FIXTURES / "erniekit_0.3b_dpo_lora_8k.yaml", []))
+    assert dpo == []
     assert not {"stage", "lora", "lora_rank", "rslora"} & set(dpo)
     # tensor/pipeline/sharding options are inert at degree 1, distributed_dataloader without TP/PP
     assert not {"tensor_parallel_config", "sharding", "use_sp_callback", "distributed_dataloader"} & set(dpo)
+
+
+# ---------------------------------------------------------------- AMP op lists, unified checkpoint options
+
+
+def test_amp_lists_of_shipped_configs_match_the_model():
+    from ernie_core.config.amp_ops import AMP_OPS, FP32, LOW, check_amp_lists
+
+    cfg = load_config(FIXTURES / "erniekit_0.3b_sft_8k.yaml", [])
+    white, black = cfg.precision.amp_custom_white_list, cfg.precision.amp_custom_black_list
+    assert all(AMP_OPS[n][0] == LOW for n in white) and all(AMP_OPS[n][0] == FP32 for n in black)
+    assert check_amp_lists(white, black) == []
+
+
+@pytest.mark.parametrize("override, match", [
+    ("amp_custom_black_list=matmul", "'matmul'.*cannot be switched to fp32"),
+    ("amp_custom_white_list=softmax_with_cross_entropy", "always keeps it in fp32"),
+])
+def test_amp_list_the_model_cannot_honour_is_an_error(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+def test_amp_list_same_op_in_both_lists_is_an_error():
+    with pytest.raises(ConfigError, match="both name"):
+        load_config(None, ["amp_custom_white_list=rms_norm", "amp_custom_black_list=rms_norm"])
+
+
+def test_amp_list_unknown_op_warns_and_is_ignored():
+    with pytest.warns(UserWarning, match="not ops ernie_core's model runs; ignored"):
+        cfg = load_config(None, ["amp_custom_white_list=matmul my_custom_op", "amp_custom_black_list=rms_norm"])
+    assert cfg.precision.amp_custom_white_list == ["matmul", "my_custom_op"]
+
+
+def test_unified_checkpoint_enable_all_options_expands():
+    cfg = load_config(None, ["unified_checkpoint_config=enable_all_options"])
+    assert cfg.checkpoint.unified_checkpoint_config.split() == [
+        "enable_all_options", "skip_save_model_weight", "master_weight_compatible", "async_save"]

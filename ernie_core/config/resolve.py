@@ -68,6 +68,9 @@ def _resolve_precision(cfg: "TrainConfig", explicit: set) -> None:
             raise ConfigError(f"config key '{key}': {show(value)} conflicts with compute_type "
                               f"{show(b.compute_type)}, which sets {key}: {show(implied[key])}")
         setattr(section, key, implied[key])
+    from .amp_ops import check_amp_lists
+
+    check_amp_lists(p.amp_custom_white_list, p.amp_custom_black_list)  # ConfigError or a warning
     if b.compute_type == "fp8":  # ERNIEKit's FP8 recipe (reference 8) overrides these keys
         cfg.fp8.apply_hadamard = True
         cfg.train.optim = "adamw_custom"

@@ -92,11 +92,11 @@ class Fp8Section:
                                   implemented=False)
     hadamard_block_size: int = option(32, "Block size of the Hadamard rotation (in-features must divide by it).",
                                       implemented=False, ge=1, normalize=_power_of_two)
-    use_lowprecision_moment: bool = option(False, "Keep Adam moments in bf16 (optim adamw_custom).",
-                                           implemented=False)
+    use_lowprecision_moment: bool = option(
+        False, "Keep Adam moments in bf16 (optim adamw_custom); the update itself runs in fp32. Single process.")
     tensorwise_offload_optimizer: bool = option(
         False, "Keep master weights and moments in pinned host memory, moved to the GPU one tensor at a time "
-        "during the step (optim adamw_custom).", implemented=False)
+        "during the step (optim adamw_custom; the same mechanism as offload_optim). Single process.")
     apply_online_actscale_step: int = option(
         200, "Steps that use each step's own activation scale before switching to the moving average "
         "(the table types it bool; it is a step count).", implemented=False, ge=0)

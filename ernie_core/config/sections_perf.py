@@ -10,6 +10,7 @@ from typing import Optional, Union
 
 from ernie_core.errors import ConfigError
 
+from . import amp_ops
 from ._field import option, show
 
 
@@ -103,8 +104,10 @@ class MemorySection:
     recompute_granularity: str = option(
         "full", "What is recomputed: full (whole layer), full_attn (attention sublayer), core_attn (RoPE + "
         "attention kernel).", choices=("full", "full_attn", "core_attn"))
-    offload_optim: bool = option(False, "Keep optimizer state and master weights in host memory between steps.",
-                                 implemented=False)
+    offload_optim: bool = option(
+        False, "Keep optimizer state and master weights in host memory (pinned with CUDA) between steps; the "
+        "step moves one tensor's state at a time to the device (a no-op on CPU-only runs). Single process; "
+        "with sharding use 'sharding: stage2 offload'.")
     no_recompute_layers: Optional[list[int]] = option(
         None, "Layer indices exempt from recompute.", implemented=False)
     offload_recompute_inputs: bool = option(
@@ -160,16 +163,25 @@ class PrecisionSection:
     fp16: bool = option(False, "fp16 mixed precision with loss scaling; `fp16: true` alone selects "
                         "compute_type fp16.", implemented=False, supported=(False,))
     fp16_opt_level: str = option(
-        "O1", "AMP level: O1 autocasts ops over fp32 weights; O2 keeps bf16/fp16 weights with fp32 master "
-        "copies (all shipped configs use O2).", implemented=False, choices=("O0", "O1", "O2"),
-        supported=("O1",))
+        "O1", "AMP level. O0: fp32, no autocast. O1: fp32 weights, bf16 autocast for matmuls and attention. "
+        "O2 (all shipped configs): weights stored in bf16 (the MoE router gate stays fp32; LoRA adapters stay "
+        "fp32 and are their own master weights), autocast still on, fp32 master weights in the optimizer take "
+        "the update, which is then rounded into the bf16 weights. Full fine-tuning at O2 runs on one process "
+        "for now (LoRA at O2 has no master weights and runs under any layout). compute_type fp32 means O0.", choices=("O0", "O1", "O2"))
     scale_loss: float = option(32768.0, "Initial fp16 loss scale (no effect under bf16).", gt=0)
     amp_custom_white_list: Optional[list[str]] = option(
-        None, "Ops forced to low precision under AMP (Paddle op names, list or space-separated).",
-        implemented=False)
+        None, "Ops run in bf16 under AMP (Paddle op names, list or space-separated). ernie_core's precision is "
+        "fixed per op and matches ERNIEKit's shipped lists; naming an op ernie_core keeps in fp32 is an error, an "
+        "unknown name is ignored with a warning. " + amp_ops.mapping_text())
     amp_custom_black_list: Optional[list[str]] = option(
-        None, "Ops kept in fp32 under AMP (Paddle op names, list or space-separated).", implemented=False)
-    amp_master_grad: bool = option(False, "Keep fp32 gradients for clipping and the update under AMP O2.")
+        None, "Ops kept in fp32 under AMP (Paddle op names, list or space-separated). Checked like "
+        "amp_custom_white_list: the shipped list (reduce_sum, softmax_with_cross_entropy, "
+        "c_softmax_with_cross_entropy, elementwise_div, sin, cos) is what the model does at every AMP level; "
+        "naming a matmul/attention/embedding op is an error.")
+    amp_master_grad: bool = option(
+        False, "Under O2: accumulate the gradients of the bf16 weights in fp32 buffers (over all gradient "
+        "accumulation steps), clip and update from them; false: gradients accumulate in bf16 and are upcast "
+        "at the step. No effect at O0/O1 (the gradients of fp32 weights are fp32).")
 
 
 @dataclass

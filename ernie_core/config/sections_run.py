@@ -192,7 +192,10 @@ class TrainSection:
 
 
 def _unified_ckpt(key: str, value: str) -> str:
-    return " ".join(dict.fromkeys(value.split()))
+    items = value.split()
+    if "enable_all_options" in items:  # PaddleFormers expands it to these three
+        items += ["skip_save_model_weight", "master_weight_compatible", "async_save"]
+    return " ".join(dict.fromkeys(items))
 
 
 @dataclass
@@ -209,9 +212,16 @@ class CheckpointSection:
         True, "Save checkpoints independent of the parallel layout. ernie_core always writes Hugging Face "
         "format, which already is.")
     unified_checkpoint_config: str = option(
-        "", "Space-separated unified-checkpoint options: async_save, skip_save_model_weight, "
-        "master_weight_compatible, remove_master_weight, ignore_merge_optimizer, enable_all_options.",
-        implemented=False, sep=" ", normalize=_unified_ckpt,
+        "", "Space-separated unified-checkpoint options. ernie_core checkpoints are always unified (merged by "
+        "parameter name, any layout), and O2 master weights are saved with the optimizer state and restored on "
+        "resume. remove_master_weight: do not save them; they are rebuilt from the saved bf16 weights on load. "
+        "master_weight_compatible: always on here (a checkpoint without master weights resumes under O2 from "
+        "its weights; one with them resumes under O1 with the fp32 masters as weights). ignore_merge_optimizer: "
+        "inert, the optimizer state is one merged file. skip_save_model_weight: inert, every checkpoint keeps "
+        "its model weights (a loadable HF model). async_save: inert, checkpoints are written synchronously "
+        "(atomic rename, so a crash mid-save never corrupts one). enable_all_options = skip_save_model_weight "
+        "master_weight_compatible async_save.",
+        sep=" ", normalize=_unified_ckpt,
         item_choices=("async_save", "skip_save_model_weight", "master_weight_compatible",
                       "remove_master_weight", "ignore_merge_optimizer", "enable_all_options"))
     disable_ckpt_quant: bool = option(False, "Never compress optimizer state in checkpoints.")

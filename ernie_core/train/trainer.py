@@ -2,7 +2,6 @@
 body is a handful of named steps (loss_step, optimizer_step, log, maybe_evaluate, maybe_save)."""
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -17,7 +16,8 @@ import torch
 from ..errors import UserError
 from . import checkpoint as ckpt
 from .loggers import RunLogger, progress_bar
-from .optim import build_optimizer, build_scheduler, lr_factor, param_groups
+from .optim import build_optimizer, build_scheduler, conform_loaded_state, lr_factor, param_groups, strip_master_weights
+from .precision import AmpPlan
 
 
 def seed_everything(seed: int) -> None:
@@ -124,6 +124,10 @@ class Trainer:
                                       rslora=cfg.lora.rslora, bf16_base=cfg.precision.bf16,
                                       adapter_path=self.resume_dir or cfg.lora.lora_path,
                                       base_path=cfg.basic.model_name_or_path, save_base=not cfg.basic.continue_training)
+        # AMP (§12.5): O2 stores the weights in bf16; their fp32 values seed the optimizer's master weights.
+        self.amp = AmpPlan.from_config(cfg)
+        self._master_seeds = self.amp.cast_model(self.model)
+        self.amp.check_layout(self.parallel.dims, self.model)
         self.model.train()
         self.model_config = self.model.config
         self.model = self.parallel.parallelize(self.model)  # TP/SP, pipeline stage, dp/ZeRO (same model if 1 process)
@@ -136,8 +140,11 @@ class Trainer:
                               tied_embedding=self.model_config.tie_word_embeddings,
                               lr_multiplier=self._lora_plus())
         groups = self.parallel.optimizer_param_groups(groups)  # sharding stage1: this rank's slices
+        amp = self.amp
         self.optimizer = build_optimizer(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-                                         eps=t.adam_epsilon)
+                                         eps=t.adam_epsilon, master_grad=amp.master_grad, moment_dtype=amp.moment_dtype,
+                                         offload=amp.offload, masters=self._master_seeds)
+        self._master_seeds = None
         decay_steps = t.decay_steps if getattr(t, "decay_steps", None) and t.decay_steps > 0 else self.max_steps
         self.schedule = dict(kind=t.lr_scheduler_type, warmup=t.warmup_steps, total=decay_steps,
                              base_lr=t.learning_rate, min_lr=t.min_lr, num_cycles=t.num_cycles, lr_end=t.lr_end,
@@ -166,6 +173,7 @@ class Trainer:
         trainer_state, data_state = ckpt.load_training_state(  # optimizer state is saved by name, any layout
             path, optimizer=self.parallel.optimizer_loader(self.optimizer) if load_opt else None,
             scheduler=self.scheduler if load_opt else None)
+        conform_loaded_state(self.optimizer)  # state to its place/dtype; saved master weights adopted or rebuilt
         if not load_opt:  # fresh optimizer, but the schedule continues at the resumed step
             for _ in range(trainer_state["global_step"]):
                 self.scheduler.step()
@@ -180,9 +188,7 @@ class Trainer:
 
     # ----------------------------------------------------------------- steps
     def autocast(self):
-        if self.cfg.precision.bf16:
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return self.amp.autocast(self.device.type)  # bf16 autocast at O1 and O2, none at O0 / fp32
 
     def to_device(self, batch: dict) -> dict:
         return {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
@@ -214,8 +220,11 @@ class Trainer:
         return self.parallel.reduce_step_stats(total, tokens, metrics)  # mean loss, total tokens over replicas
 
     def optimizer_step(self) -> float:
-        # Global-norm clip (every shard counted once) + the update, with the layout's syncs around it.
-        grad_norm = self.parallel.optimizer_step(self.model, self.optimizer, self.cfg.train.max_grad_norm)
+        if getattr(self.optimizer, "clips_own_grads", False):  # fp32 norm/clip over master grads, update on masters
+            grad_norm = self.optimizer.clip_grad_norm_(self.cfg.train.max_grad_norm)
+            self.optimizer.step()
+        else:  # global-norm clip (every shard counted once) + the update, with the layout's syncs around it
+            grad_norm = self.parallel.optimizer_step(self.model, self.optimizer, self.cfg.train.max_grad_norm)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)  # release_grads: grads are freed after every step
         return float(grad_norm)
@@ -329,6 +338,8 @@ class Trainer:
         model_state, opt_state = self.parallel.checkpoint_state(self.model, self.optimizer, with_optimizer=not skip_opt)
         if not self.is_main:
             return None
+        if "remove_master_weight" in cfg.checkpoint.unified_checkpoint_config.split():
+            opt_state = strip_master_weights(opt_state)  # rebuilt from the saved bf16 weights on resume
         state = dict(self.state)
         state["window"] = ({k: self.state["window"].get(k) for k in ("loss", "steps", "metrics")}
                            if "window" in self.state else None)
