@@ -30,7 +30,9 @@ class LoraSection:
     rslora_plus: bool = option(
         False, "Shortcut for rslora: true, lora_plus_scale: 4, lora_alpha: 4 (overrides those keys).")
     lora_path: Optional[str] = option(None, "Adapter to start from: a PEFT adapter folder (adapter_config.json + "
-                                      "adapter_model.safetensors), as ernie_core and peft save them.")
+                                      "adapter_model.safetensors, as ernie_core and peft save them) or an ERNIEKit "
+                                      "one (lora_config.json + peft_model*.safetensors [+ index] or "
+                                      "lora_model_state.pdparams); its r, lora_alpha and rslora must match the run's.")
 
     def scaling(self) -> float:
         """The factor applied to x·A·B: alpha/r, or alpha/sqrt(r) with rslora; alpha -1 -> 2r (4 with rslora).
