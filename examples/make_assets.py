@@ -6,6 +6,10 @@ Data: letter-by-letter tasks on random 3-letter words that a 4-layer, hidden-128
 few CPU minutes: Uppercase, Repeat and Shift (each letter to the next, z -> a); the alpaca source
 adds Lowercase. Held-out eval rows use words never seen in training, so their exact-match accuracy
 measures a learned rule, not memorised rows.
+DPO (examples/configs/dpo_tiny.yaml): preference pairs on the same tasks and word pools, chosen =
+the correct answer, rejected = a wrong one (another task's answer for the word, or the correct
+answer with one letter changed); written with their own random stream, so the SFT files above do
+not change when this part does.
 Tokenizer: byte-level (256 byte tokens, no merges) plus ERNIE's special tokens, so every answer
 character is one token. Model: ERNIE-4.5-shaped config.json with transformers' ernie4_5 keys.
 """
@@ -105,6 +109,53 @@ def write_data(rng: random.Random, root: Path) -> list[str]:
     return texts
 
 
+def task_answers(kind: str, w: str) -> str:
+    if kind == "upper":
+        return w.upper()
+    if kind == "repeat":
+        return w
+    return "".join(LETTERS[(LETTERS.index(c) + 1) % 26] for c in w)
+
+
+def wrong_answer(rng: random.Random, kind: str, w: str) -> str:
+    """A wrong answer of the same length: mostly the right letters in the wrong case (a rule a tiny
+    model picks up in a few dozen DPO steps), else another task's answer for the word or the right
+    answer with one letter changed (these need the task itself learned)."""
+    right = task_answers(kind, w)
+    u = rng.random()
+    if u < 0.6:
+        return right.lower() if kind == "upper" else right.upper()
+    others = sorted({task_answers(k, w) for k in TASKS} - {right})
+    if u < 0.8 and others:
+        return rng.choice(others)
+    i = rng.randrange(len(right))
+    pool = [c for c in (LETTERS.upper() if right[i].isupper() else LETTERS) if c != right[i]]
+    return right[:i] + rng.choice(pool) + right[i + 1:]
+
+
+def dpo_row(rng: random.Random, words) -> dict:
+    """erniekit DPO row (ernie_reference §4.1); the chosen answer sits first or second at random."""
+    kind, w = rng.choice(sorted(TASKS)), rng.choice(words)
+    chosen, rejected = task_answers(kind, w), wrong_answer(rng, kind, w)
+    row = {"src": [TASKS[kind] + w], "tgt": [], "response": [[chosen], [rejected]], "sort": [1, 0]}
+    if rng.random() < 0.5:
+        row["response"], row["sort"] = row["response"][::-1], [0, 1]
+    if rng.random() < 0.2:
+        row["system"] = rng.choice(SYSTEMS)
+    return row
+
+
+def write_dpo_data(root: Path) -> None:
+    """dpo-train.jsonl / dpo-eval.jsonl: the SFT word pools (re-derived from SEED, so held-out words
+    stay held out), pairs drawn from a separate random stream."""
+    train_words, eval_words = word_pools(random.Random(SEED), n_train=1500, n_eval=300)
+    rng = random.Random(SEED + 1)
+    data = root / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    for name, words, n in (("dpo-train.jsonl", train_words, 2000), ("dpo-eval.jsonl", eval_words, 200)):
+        (data / name).write_text("".join(json.dumps(dpo_row(rng, words)) + "\n" for _ in range(n)))
+
+
 def write_tokenizer(texts: list[str], model_dir: Path) -> int:
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -149,6 +200,7 @@ def main(root: Path = HERE) -> None:
     """Write data/ and tiny_model/ under `root` (default: this examples/ folder)."""
     rng = random.Random(SEED)
     texts = write_data(rng, Path(root))
+    write_dpo_data(Path(root))
     write_model_config(write_tokenizer(texts, Path(root) / "tiny_model"), Path(root) / "tiny_model")
 
 

@@ -187,7 +187,8 @@ def dpo_cfg(path, **over):
                               gradient_accumulation_steps=1, num_train_epochs=1),
         eval=SimpleNamespace(eval_dataset_path=str(path), eval_dataset_prob="1.0", eval_dataset_type="erniekit",
                              per_device_eval_batch_size=2),
-        accel=SimpleNamespace(greedy_intokens=True), sft=SimpleNamespace(num_samples_each_epoch=40),
+        accel=SimpleNamespace(greedy_intokens=True, dataloader_num_workers=0),
+        sft=SimpleNamespace(num_samples_each_epoch=40),
         dpo=SimpleNamespace(max_prompt_len=38, mask_out_eos_token=True, buffer_size=8))
     for k, v in over.items():
         for section in vars(cfg).values():
@@ -221,3 +222,53 @@ def test_stream_is_deterministic_and_resumes(tmp_path, tok):
     evals = build_dpo_eval_batches(cfg, tok)
     assert sum(bt["num_pairs"] for bt in evals) == 30
     assert 1 <= estimate_dpo_max_steps(cfg, tok) <= 15
+
+
+def assert_same_batches(got: list[dict], want: list[dict]) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.keys() == w.keys()
+        for key in w:
+            assert torch.equal(torch.as_tensor(g[key]), torch.as_tensor(w[key])), key
+
+
+def test_workers_give_the_same_batches(tmp_path, tok):
+    """dataloader_num_workers > 0 builds the batches in DataLoader workers, in the order of 0 workers,
+    also after a resume that starts at an odd batch, and for a data-parallel rank's slice."""
+    from ernie_core.data.dpo import build_dpo_stream
+
+    path = pref_file(tmp_path)
+    for rank_kw in ({}, {"dp_rank": 1, "dp_world": 2}):
+        expected = [next(s) for s in [build_dpo_stream(dpo_cfg(path), tok, **rank_kw)] for _ in range(7)]
+        stream = build_dpo_stream(dpo_cfg(path, dataloader_num_workers=2), tok, **rank_kw)
+        try:
+            assert stream.num_workers == 2
+            assert_same_batches([next(stream) for _ in range(4)], expected[:4])
+            state = stream.state_dict()
+            resumed = build_dpo_stream(dpo_cfg(path, dataloader_num_workers=2), tok, **rank_kw)
+            resumed.load_state_dict(state)
+            next(resumed)
+            resumed.load_state_dict({"micro_batches": 3})  # an odd start: worker 0 must still go first
+            assert_same_batches([next(resumed) for _ in range(4)], expected[3:7])
+            resumed.close()
+        finally:
+            stream.close()
+
+
+def test_make_assets_reproduces_the_example_preference_files(tmp_path):
+    """examples/data/dpo-{train,eval}.jsonl are what examples/make_assets.py writes, and valid DPO data."""
+    import importlib.util
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    spec = importlib.util.spec_from_file_location("make_assets", examples / "make_assets.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.write_dpo_data(tmp_path)
+    for name in ("dpo-train.jsonl", "dpo-eval.jsonl"):
+        got, want = tmp_path / "data" / name, examples / "data" / name
+        assert got.read_bytes() == want.read_bytes(), f"{name}: rerun examples/make_assets.py"
+        rows = list(read_preferences(want))
+        assert len(rows) == (2000 if "train" in name else 200)
+        for _, ex in rows:  # chosen = the task's answer, rejected = a different answer of the same length
+            assert ex.chosen != ex.rejected and len(ex.chosen[0]) == len(ex.rejected[0]) == 3

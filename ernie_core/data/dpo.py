@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ernie_core.data.mixing import SourceCycler, epoch_counts, epoch_order, parse_sources
 from ernie_core.data.packing import iter_next_fit, pack_greedy
@@ -347,20 +348,15 @@ def validate_preference_datasets(cfg) -> dict[str, int]:
     return rows
 
 
-class DPOStream:
-    """Endless, deterministic micro-batches of packed pairs (this rank's slice of each global batch).
-    Same interface as the SFT stream: iterator, packing_efficiency, state_dict/load_state_dict, close.
-    Resuming replays the (cheap) packing plan and skips the consumed micro-batches."""
+class _DPOPlanner:
+    """Which pairs form each packed row and each of this rank's micro-batches (index arithmetic only)."""
 
-    def __init__(self, sources, counts, *, seed, shuffle, greedy, buffer_size, seq_len, batch_size, pad_id,
-                 dp_rank=0, dp_world=1):
+    def __init__(self, sources, counts, seed, shuffle, greedy, buffer_size, seq_len, batch_size, dp_rank, dp_world):
         self.sources, self.counts = sources, counts
         self.seed, self.shuffle, self.greedy, self.buffer_size = seed, shuffle, greedy, buffer_size
-        self.seq_len, self.bs, self.pad_id, self.dp_rank, self.dp_world = seq_len, batch_size, pad_id, dp_rank, dp_world
-        self._consumed, self._real_tokens, self._rows = 0, 0, 0
-        self._it = None
+        self.seq_len, self.bs, self.dp_rank, self.dp_world = seq_len, batch_size, dp_rank, dp_world
 
-    def _packs(self):
+    def packs(self):
         cyclers = [SourceCycler(len(s), self.seed, self.shuffle) for s in self.sources]
         for epoch in itertools.count():
             src, row = epoch_order(cyclers, self.counts, epoch, self.shuffle)
@@ -368,19 +364,58 @@ class DPOStream:
             for pack in iter_dpo_packs([len(p) for p in pairs], self.seq_len, self.greedy, self.buffer_size):
                 yield [pairs[p] for p in pack]
 
-    def _plans(self):
-        packs, bs = self._packs(), self.bs
+    def plans(self):
+        """This rank's micro-batches: global batches of bs*dp rows, slice dp_rank (§5.1)."""
+        packs, bs = self.packs(), self.bs
         while True:
             rows = [next(packs) for _ in range(bs * self.dp_world)]
             yield rows[self.dp_rank * bs:(self.dp_rank + 1) * bs]
+
+
+class _PlanDataset(IterableDataset):
+    """Micro-batches from number `start` on; under a DataLoader, worker w builds every W-th one
+    (torch's DataLoader reads its workers round-robin, so the order is that of no workers)."""
+
+    def __init__(self, planner: _DPOPlanner, pad_id: int, start: int):
+        self.planner, self.pad_id, self.start = planner, pad_id, start
+
+    def __iter__(self):
+        info = get_worker_info()
+        w, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for m, plan in enumerate(itertools.islice(self.planner.plans(), self.start, None)):
+            if m % n_workers == w:
+                yield build_dpo_batch(plan, self.planner.seq_len, self.pad_id)
+
+
+class DPOStream:
+    """Endless, deterministic micro-batches of packed pairs (this rank's slice of each global batch).
+    Same interface as the SFT stream: iterator, packing_efficiency, state_dict/load_state_dict, close.
+    Resuming replays the (cheap) packing plan and skips the consumed micro-batches. With
+    num_workers = W > 0 (dataloader_num_workers), W DataLoader workers build the batch tensors;
+    the batches are the same as with none."""
+
+    def __init__(self, sources, counts, *, seed, shuffle, greedy, buffer_size, seq_len, batch_size, pad_id,
+                 dp_rank=0, dp_world=1, num_workers=0):
+        self.planner = _DPOPlanner(sources, counts, seed, shuffle, greedy, buffer_size, seq_len, batch_size,
+                                   dp_rank, dp_world)
+        self.seq_len, self.pad_id, self.num_workers = seq_len, pad_id, num_workers
+        self._consumed, self._real_tokens, self._rows = 0, 0, 0
+        self._it = None
+
+    def _open(self):
+        dataset = _PlanDataset(self.planner, self.pad_id, self._consumed)
+        if self.num_workers == 0:
+            return iter(dataset)
+        # batch_size=None: the dataset already yields whole micro-batches.
+        return iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers))
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
         if self._it is None:
-            self._it = itertools.islice(self._plans(), self._consumed, None)
-        batch = build_dpo_batch(next(self._it), self.seq_len, self.pad_id)
+            self._it = self._open()
+        batch = next(self._it)
         self._consumed += 1
         self._real_tokens += batch["num_tokens"]
         self._rows += batch["input_ids"].shape[0]
@@ -394,11 +429,12 @@ class DPOStream:
         return {"micro_batches": self._consumed, "real_tokens": self._real_tokens, "rows": self._rows}
 
     def load_state_dict(self, state: dict) -> None:
-        self._it = None
+        self.close()
         self._consumed = int(state["micro_batches"])
         self._real_tokens, self._rows = int(state.get("real_tokens", 0)), int(state.get("rows", 0))
 
     def close(self) -> None:
+        """Stop DataLoader workers (dropping the iterator shuts them down)."""
         self._it = None
 
 
@@ -409,7 +445,8 @@ def build_dpo_stream(cfg, tok, dp_rank: int = 0, dp_world: int = 1) -> DPOStream
     return DPOStream(sources, counts, seed=cfg.train.seed, shuffle=cfg.train.random_shuffle,
                      greedy=cfg.accel.greedy_intokens, buffer_size=cfg.dpo.buffer_size, seq_len=cfg.train.max_seq_len,
                      batch_size=cfg.train.per_device_train_batch_size, pad_id=tok.pad_id,
-                     dp_rank=dp_rank, dp_world=dp_world)
+                     dp_rank=dp_rank, dp_world=dp_world,
+                     num_workers=int(getattr(cfg.accel, "dataloader_num_workers", 0) or 0))
 
 
 def build_dpo_eval_batches(cfg, tok, dp_rank: int = 0, dp_world: int = 1) -> list[dict]:

@@ -80,12 +80,13 @@ class ParallelContext:
         return cls(dims, options_from_config(cfg), rank=rank, device=device)
 
     def check_objective(self, name: str) -> None:
-        """Layouts the objective can run under. SFT: all. DPO reads the hidden states and the LM head
-        weight itself (model.model(...), lm_head.weight), which bypasses the TP/pipeline/FSDP plans."""
-        if name != "SFT" and self.dims.distributed:
-            raise ConfigError(f"stage {name} runs on one process only for now (its loss calls the model's parts "
-                              f"directly, which the {self.dims.describe()} layout cannot intercept); launch it "
-                              "without torchrun")
+        """Layouts the objective can run under. SFT: all. DPO: all but pipeline parallelism (its loss
+        runs through the model's forward hooks and a vocab-parallel head, see train/dpo.py; the
+        pipeline schedule computes the SFT loss on the last stage only)."""
+        if name != "SFT" and self.pipelined:
+            raise ConfigError(f"pipeline_parallel_degree={self.dims.pp} with stage: {name} is not supported (the "
+                              "pipeline schedule computes the SFT loss on the last stage only); use "
+                              "tensor_parallel_degree, data parallelism or sharding instead")
 
     # ------------------------------------------------------------------ coordinates
     @property

@@ -10,6 +10,7 @@ import copy
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
@@ -116,26 +117,85 @@ def _token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
     return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
+class _SumOverGroup(torch.autograd.Function):
+    """All-reduce (sum) in forward, identity in backward: every rank then computes the same loss from
+    the sum, so each rank's local addend gets that loss's gradient once (Megatron's `g`)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _CopyToGroup(torch.autograd.Function):
+    """Identity in forward, all-reduce (sum) of the gradient in backward (Megatron's `f`): a
+    replicated input feeding a vocab-sharded head gets the sum of every rank's partial gradient."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def _vocab_sharded(weight) -> bool:
+    """A tensor-parallel LM head: a DTensor split on the vocab dim over a 1-D mesh."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    return (isinstance(weight, DTensor) and weight.device_mesh.ndim == 1 and len(weight.placements) == 1
+            and isinstance(weight.placements[0], Shard) and weight.placements[0].dim == 0)
+
+
+def _vocab_parallel_token_logps(hidden: torch.Tensor, weight, targets: torch.Tensor) -> torch.Tensor:
+    """_token_logps for a vocab-sharded head (tensor parallelism): each rank scores the rows against
+    its vocab slice; the softmax max, the sum of exponentials and the target logit are reduced over
+    the TP group, so no rank ever holds [N, V] logits or the whole head. Same values as the plain head."""
+    mesh = weight.device_mesh
+    group, rank = mesh.get_group(), mesh.get_local_rank()
+    local_w = weight.to_local()  # backward: the gradient of this rank's vocab rows
+    logits = F.linear(_CopyToGroup.apply(hidden, group), local_w).float()  # [N, V/tp]
+    v_local = logits.shape[-1]
+    lo = rank * v_local
+    m = logits.detach().max(dim=-1).values
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)  # a constant shift: no gradient through it
+    shifted = logits - m.unsqueeze(-1)
+    sum_exp = _SumOverGroup.apply(shifted.exp().sum(dim=-1), group)
+    mine = (targets >= lo) & (targets < lo + v_local)
+    picked = shifted.gather(-1, (targets - lo).clamp(0, v_local - 1).unsqueeze(-1)).squeeze(-1)
+    target_logit = _SumOverGroup.apply(torch.where(mine, picked, torch.zeros_like(picked)), group)
+    return target_logit - sum_exp.log()
+
+
 def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 0) -> torch.Tensor:
     """[N] fp32 token log-probs. With chunk > 0 the head runs `chunk` rows at a time and, under
-    autograd, recomputes each chunk's logits in backward, so [N, V] logits never exist at once."""
+    autograd, recomputes each chunk's logits in backward, so [N, V] logits never exist at once.
+    A vocab-sharded head (tensor parallelism) runs vocab-parallel (_vocab_parallel_token_logps)."""
+    fn = _vocab_parallel_token_logps if _vocab_sharded(weight) else _token_logps
     n = hidden.shape[0]
     if chunk <= 0 or n <= chunk:
-        return _token_logps(hidden, weight, targets)
+        return fn(hidden, weight, targets)
     parts = []
     for lo in range(0, n, chunk):
         h, t = hidden[lo:lo + chunk], targets[lo:lo + chunk]
         if torch.is_grad_enabled():
-            parts.append(checkpoint(_token_logps, h, weight, t, use_reentrant=False))
+            parts.append(checkpoint(fn, h, weight, t, use_reentrant=False))
         else:
-            parts.append(_token_logps(h, weight, t))
+            parts.append(fn(h, weight, t))
     return torch.cat(parts)
 
 
-def pair_logps(model, batch: dict, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen, rejected) summed log-probs [num_pairs] of one packed micro-batch: the decoder runs
-    once per row, and only the scored positions (a compact list, the prompt's last position twice)
-    go through the LM head (ernie_reference §4.2 sparse head)."""
+def _pair_logps(model, batch: dict, chunk: int) -> torch.Tensor:
+    """[chosen sums | rejected sums], 2 x num_pairs."""
     hidden = model.model(batch["input_ids"], batch["position_ids"], batch["attn_mask_startend_row_indices"])
     flat = hidden.reshape(-1, hidden.shape[-1])
     k = int(batch["num_pairs"])
@@ -143,8 +203,43 @@ def pair_logps(model, batch: dict, chunk: int = 0) -> tuple[torch.Tensor, torch.
     targets = torch.cat([batch["chosen_target"], batch["rejected_target"]])
     logp = token_logps(rows, model.lm_head.weight, targets, chunk)
     owner = torch.cat([batch["chosen_pair"], batch["rejected_pair"] + k])
-    sums = torch.zeros(2 * k, dtype=torch.float32, device=logp.device).index_add(0, owner, logp)
+    return torch.zeros(2 * k, dtype=torch.float32, device=logp.device).index_add(0, owner, logp)
+
+
+def run_as_forward(model, fn, *args):
+    """fn(*args) run as `model`'s forward: through model.__call__, so whatever a parallel layout hung
+    on the model's forward runs around it -- FSDP2/replicate gather the root's parameters (embedding,
+    final norm, tied head) before and register their gradient reduction after; a plain model has
+    no hooks and this is just fn(*args)."""
+    model.forward = fn  # instance attribute: shadows the class's forward for this one call
+    try:
+        return model(*args)
+    finally:
+        del model.forward
+
+
+def pair_logps(model, batch: dict, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) summed log-probs [num_pairs] of one packed micro-batch: the decoder runs
+    once per row, and only the scored positions (a compact list, the prompt's last position twice)
+    go through the LM head (ernie_reference §4.2 sparse head). Works on the plain model and on the
+    data-parallel / sharded / tensor-parallel one (run_as_forward, vocab-parallel head)."""
+    sums = run_as_forward(model, lambda b, c: _pair_logps(model, b, c), batch, chunk)
+    k = int(batch["num_pairs"])  # split outside: a wrapper's backward hook sits on the whole output
     return sums[:k], sums[k:]
+
+
+def _fsdp_modules(model) -> list:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t._local_tensor if isinstance(t, DTensor) else t
 
 
 def _lengths(batch: dict, side: str) -> torch.Tensor:
@@ -173,6 +268,7 @@ class DPOObjective:
         self.ref_model_update_steps = ref_model_update_steps
         self.ref_path, self.ref_dtype, self.head_chunk = ref_path, ref_dtype, head_chunk
         self.ref_model = None  # full DPO: built at the first loss call
+        self._ref_shards = None  # full DPO on an FSDP-wrapped policy: the reference's local shards
 
     @classmethod
     def from_config(cls, cfg) -> "DPOObjective":
@@ -191,10 +287,11 @@ class DPOObjective:
         from ..data.dpo import validate_preference_datasets
         from ..errors import ConfigError
 
-        d = cfg.dist
-        if d.pipeline_parallel_degree > 1 or d.tensor_parallel_degree > 1:
-            raise ConfigError("stage: DPO runs with data parallelism and sharding only; set "
-                              "tensor_parallel_degree and pipeline_parallel_degree to 1")
+        if cfg.dist.pipeline_parallel_degree > 1:
+            raise ConfigError(f"pipeline_parallel_degree={cfg.dist.pipeline_parallel_degree} with stage: DPO is not "
+                              "supported (the preference loss needs the reference and policy log-probs of whole "
+                              "pairs, which the pipeline schedule's per-stage SFT loss cannot express); use "
+                              "tensor_parallel_degree, data parallelism or sharding instead")
         validate_preference_datasets(cfg)
 
     def build_stream(self, cfg, tok, *, dp_rank: int, dp_world: int):
@@ -231,6 +328,45 @@ class DPOObjective:
             self.ref_model = ref.eval()
         return self.ref_model
 
+    def _reference_shards(self, model) -> list[torch.Tensor]:
+        """Full DPO on an FSDP-wrapped policy (dp = `replicate`, sharding stage2/3), which cannot be
+        deep-copied: the reference is kept as this rank's local shards of every parameter (plain
+        tensors in the reference dtype, in model.parameters() order, never seen by the optimizer),
+        sharded exactly like the policy, so stage3 holds 1/N of it per rank."""
+        if self._ref_shards is None:
+            params = list(model.parameters())
+            if self.ref_path is not None:
+                locals_ = _shards_from_checkpoint(model, params, self.ref_path)
+            else:
+                locals_ = [_local(p).detach() for p in params]
+            dtype = self.ref_dtype
+            self._ref_shards = [t.to(dtype=dtype or t.dtype, copy=True) for t in locals_]
+        return self._ref_shards
+
+    def _fsdp_reference_logps(self, model, batch: dict):
+        """The policy runs with the reference's shards swapped into its own (eval mode, no grad), then
+        gets its weights back: every FSDP module is resharded before (so its next gather reads the
+        swapped shards, not parameters left gathered by stage2) and after (so the policy's next
+        forward gathers its own weights again). Costs one copy of the local shards each way."""
+        modules = _fsdp_modules(model)
+        for m in modules:  # first: a gathered module registers its (temporary) full parameters instead
+            m.reshard()
+        shards = self._reference_shards(model)
+        params = [_local(p) for p in model.parameters()]
+        backup = [t.clone() for t in params]
+        was_training = model.training
+        try:
+            for t, r in zip(params, shards):
+                t.copy_(r)
+            model.eval()
+            return pair_logps(model, batch, self.head_chunk)
+        finally:
+            for m in modules:
+                m.reshard()
+            for t, b in zip(params, backup):
+                t.copy_(b)
+            model.train(was_training)
+
     @torch.no_grad()
     def reference_logps(self, model, batch: dict):
         if self.reference_free:
@@ -245,6 +381,8 @@ class DPOObjective:
                     return pair_logps(model, batch, self.head_chunk)
             finally:
                 model.train(was_training)
+        if _fsdp_modules(model):
+            return self._fsdp_reference_logps(model, batch)
         return pair_logps(self._reference(model), batch, self.head_chunk)
 
     # -- loss
@@ -278,7 +416,33 @@ class DPOObjective:
     def on_step_end(self, trainer) -> None:
         """ref_model_update_steps = N > 0: the reference becomes a copy of the policy every N steps."""
         n = self.ref_model_update_steps
-        if n > 0 and self.ref_model is not None and trainer.global_step % n == 0:
-            with torch.no_grad():
+        if n <= 0 or trainer.global_step % n:
+            return
+        with torch.no_grad():
+            if self.ref_model is not None:
                 for r, p in zip(self.ref_model.parameters(), trainer.model.parameters()):
                     r.copy_(p)
+            if self._ref_shards is not None:
+                for m in _fsdp_modules(trainer.model):  # the sharded parameters are the registered ones
+                    m.reshard()
+                for r, p in zip(self._ref_shards, trainer.model.parameters()):
+                    r.copy_(_local(p))
+
+
+def _shards_from_checkpoint(model, params, path) -> list[torch.Tensor]:
+    """This rank's local pieces of the HF checkpoint at `path`, laid out like `params` (the policy's
+    possibly sharded DTensor parameters): a plain model is loaded, each full tensor is cut locally."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    from ..models import Ernie4_5ForCausalLM
+
+    plain = Ernie4_5ForCausalLM.from_pretrained(str(path))
+    full = dict(plain.named_parameters())
+    out = []
+    for (name, _), p in zip(model.named_parameters(), params):
+        t = full[name].detach().to(device=_local(p).device, dtype=p.dtype)
+        if isinstance(p, DTensor):  # no communication: every rank cuts its own piece
+            t = distribute_tensor(t, p.device_mesh, p.placements, src_data_rank=None).to_local()
+        out.append(t)
+    return out
+

@@ -39,6 +39,13 @@ def print_report(trainer, show: int = 8) -> dict:
     elif after:
         lines.append(f"eval loss after training: {after['eval_loss']:.4f} (ppl {after['eval_ppl']:.2f})")
         report.update(eval_loss_after=after["eval_loss"])
+    rewards = _reward_accuracy(trainer.output_dir)
+    if rewards:
+        first, last = rewards
+        report.update(reward_accuracy_first=first["rewards/accuracy"], reward_accuracy_last=last["rewards/accuracy"])
+        lines.append(f"reward accuracy (chosen preferred over rejected): {first['rewards/accuracy']:.0%} at step "
+                     f"{first['step']} -> {last['rewards/accuracy']:.0%} at step {last['step']}; reward margin "
+                     f"{first['rewards/margin']:.4f} -> {last['rewards/margin']:.4f}")
     n = cfg.eval.eval_generate_samples
     if n > 0 and cfg.basic.do_eval:
         from ..data import build_eval_prompts
@@ -52,3 +59,11 @@ def print_report(trainer, show: int = 8) -> dict:
     print("\n".join(lines), flush=True)
     (trainer.output_dir / "run_report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def _reward_accuracy(output_dir):
+    """(first, last) logged training lines of a DPO run (those with rewards/accuracy), or None."""
+    from .loggers import read_log
+
+    lines = [r for r in read_log(output_dir) if "rewards/accuracy" in r and "rewards/margin" in r]
+    return (lines[0], lines[-1]) if lines else None
