@@ -1,20 +1,29 @@
 """SFT with LoRA vs full fine-tuning in ernie_core: tokens/s and peak RSS on the small config.
 
-    python bench/lora_vs_full.py [--steps 8] [--quick]
+    python bench/lora_vs_full.py [--steps 8] [--repeats 3] [--bf16] [--quick]
 
 Same model, data, packing and step loop (forward, backward, AdamW step); LoRA rank 8 on every
 attention/FFN linear with the base frozen, so backward skips the weight gradients of the base and
 AdamW keeps state for the adapters only. Each configuration runs in its own subprocess so the peak
 RSS is its own. With --bf16 the LoRA base is stored in bf16 (as the trainer does under bf16).
+
+The machine may be shared, so full and LoRA runs alternate `--repeats` times and each mode reports
+the median (and best) tokens/s, tokens per CPU-second of the process (less sensitive to other
+load; exact with --threads 1, OpenMP spin-waits count at 2+ threads) and the median peak RSS.
+`setup_rss_mib` is the RSS after the model and optimizer are built, before the first step (the
+same imports and data in both modes), so peak - setup is what the training steps add. Peak RSS
+includes glibc's heap high-water mark: freed activations stay resident until the heap can shrink.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -41,6 +50,7 @@ def run(assets: dict, lora: bool, steps: int, warmup: int, seq_len: int, rows: i
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
+    setup_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
 
     def step() -> int:
@@ -53,8 +63,12 @@ def run(assets: dict, lora: bool, steps: int, warmup: int, seq_len: int, rows: i
         opt.zero_grad(set_to_none=True)
         return int(batch["num_tokens"])
 
-    seconds, tokens = timed_loop(step, steps, warmup)
-    return {"tokens": tokens, "seconds": seconds, "trainable_params": sum(p.numel() for p in params)}
+    for _ in range(warmup):
+        step()
+    cpu0 = time.process_time()
+    seconds, tokens = timed_loop(step, steps, 0)
+    return {"tokens": tokens, "seconds": seconds, "cpu_seconds": time.process_time() - cpu0,
+            "trainable_params": sum(p.numel() for p in params), "setup_rss_mib": setup_rss}
 
 
 def worker(args) -> None:
@@ -76,6 +90,7 @@ def spawn(args, lora: bool, assets_path: Path) -> dict:
         raise RuntimeError(f"lora={lora} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
     row = json.loads(line[-1][len("RESULT "):])
     row["tokens_per_s"] = row["tokens"] / row["seconds"]
+    row["tokens_per_cpu_s"] = row["tokens"] / row["cpu_seconds"]
     return row
 
 
@@ -86,6 +101,7 @@ def main(argv=None) -> None:
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--rows", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="alternating full/LoRA runs per mode (medians reported)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (LoRA base stored in bf16)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -95,20 +111,36 @@ def main(argv=None) -> None:
     if args.worker:
         return worker(args)
     if args.quick:
-        args.steps, args.warmup = 3, 1
+        args.steps, args.warmup, args.repeats = 3, 1, 1
     with tempfile.TemporaryDirectory() as tmp:
         assets = make_assets(Path(tmp), 512)
         assets_path = Path(tmp) / "assets.json"
         assets_path.write_text(json.dumps(assets))
-        got = {mode: spawn(args, mode == "lora", assets_path) for mode in ("full", "lora")}
-    rows = [{"mode": m, "tokens_per_s": r["tokens_per_s"], "peak_rss_mib": r["peak_rss_mib"],
-             "trainable_params": r["trainable_params"], "tokens": r["tokens"], "seconds": r["seconds"]}
-            for m, r in got.items()]
-    rows.append({"mode": "ratio lora/full", "tokens_per_s": got["lora"]["tokens_per_s"] / got["full"]["tokens_per_s"],
-                 "peak_rss_mib": got["lora"]["peak_rss_mib"] / got["full"]["peak_rss_mib"]})
+        runs = {"full": [], "lora": []}
+        for _ in range(args.repeats):
+            for mode in runs:
+                runs[mode].append(spawn(args, mode == "lora", assets_path))
+    med = statistics.median
+    got = {m: {"mode": m, "tokens_per_s": med(r["tokens_per_s"] for r in rs),
+               "tokens_per_s_best": max(r["tokens_per_s"] for r in rs),
+               "tokens_per_cpu_s": med(r["tokens_per_cpu_s"] for r in rs),
+               "peak_rss_mib": med(r["peak_rss_mib"] for r in rs),
+               "setup_rss_mib": med(r["setup_rss_mib"] for r in rs),
+               "trainable_params": rs[0]["trainable_params"], "tokens": rs[0]["tokens"],
+               "seconds": med(r["seconds"] for r in rs)} for m, rs in runs.items()}
+    for r in got.values():
+        r["step_rss_mib"] = r["peak_rss_mib"] - r["setup_rss_mib"]
+    rows = list(got.values())
+    ratio = {"mode": "ratio lora/full"}
+    for k in ("tokens_per_s", "tokens_per_s_best", "tokens_per_cpu_s", "peak_rss_mib"):
+        ratio[k] = got["lora"][k] / got["full"][k]
+    ratio["step_rss_mib"] = got["lora"]["step_rss_mib"] / got["full"]["step_rss_mib"]
+    rows.append(ratio)
     write_results("lora_vs_full" + ("-bf16" if args.bf16 else "") + ("-quick" if args.quick else ""), rows,
-                  ["mode", "tokens_per_s", "peak_rss_mib", "trainable_params", "tokens", "seconds"],
-                  extra={"model": SMALL, "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "assets")}})
+                  ["mode", "tokens_per_s", "tokens_per_s_best", "tokens_per_cpu_s", "peak_rss_mib", "setup_rss_mib",
+                   "step_rss_mib", "trainable_params", "tokens", "seconds"],
+                  extra={"model": SMALL, "runs": runs,
+                         "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "assets")}})
 
 
 if __name__ == "__main__":

@@ -264,3 +264,219 @@ def test_shared_a_input_cache_keeps_values_and_gradients():
     with torch.no_grad():
         q.lora_A.add_(1.0)  # an updated A must not reuse the old product
     assert (q(x).detach() - before).abs().max() > 1e-3
+
+
+# ---- the fused LoRA linear (one autograd node, low-rank term added in place) ---------------------
+class _Block(nn.Module):
+    """q/k/v share one A (ERNIEKit's fused q|k|v adapter); o_proj has its own and reads q."""
+
+    def __init__(self, bias: bool, dim=12):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(dim, 10, bias=bias), nn.Linear(dim, 6, bias=bias), \
+            nn.Linear(dim, 6, bias=bias)
+        self.o_proj = nn.Linear(10, dim, bias=bias)
+
+    def forward(self, x):
+        q = self.q_proj(x)
+        return q, self.k_proj(x), self.v_proj(x), self.o_proj(q)
+
+
+def _block_and_reference(bias=True, train_base=False, base_dtype=None, seed=0):
+    """An adapted _Block with random B's, and a plain-PyTorch copy of its weights (fp32 leaves)."""
+    torch.manual_seed(seed)
+    block = _Block(bias)
+    apply_lora(block, rank=3, alpha=5, base_dtype=base_dtype)
+    randomize_adapters(block, seed=seed, std=0.5)
+    if train_base:
+        for n, p in block.named_parameters():
+            if not n.endswith(("lora_A", "lora_B")):
+                p.requires_grad_(True)
+    ref = {n: p.detach().float().clone().requires_grad_(True) for n, p in block.named_parameters()}
+    return block, ref
+
+
+def _reference_forward(ref, x, scaling):
+    """The textbook formulation: F.linear(x, W, b) + s · (x Aᵀ) Bᵀ, each module on its own."""
+    def lin(name, inp, a_name):
+        base = nn.functional.linear(inp, ref[f"{name}.weight"], ref.get(f"{name}.bias"))
+        return base + scaling * nn.functional.linear(nn.functional.linear(inp, ref[a_name]), ref[f"{name}.lora_B"])
+
+    q = lin("q_proj", x, "q_proj.lora_A")
+    return q, lin("k_proj", x, "q_proj.lora_A"), lin("v_proj", x, "q_proj.lora_A"), lin("o_proj", q, "o_proj.lora_A")
+
+
+def _outputs_and_grads(fn, x, params, seed=3):
+    """Run fn(x), contract every output with fixed random weights, return outputs and d/d(x, params)."""
+    outs = fn(x)
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((o.float() * torch.randn(o.shape, generator=g)).sum() for o in outs)
+    names = list(params)
+    grads = torch.autograd.grad(loss, [x] + [params[n] for n in names])
+    return [o.detach() for o in outs], dict(zip(["x"] + names, grads))
+
+
+def _rel_close(got, want, rtol, what):
+    scale = want.detach().float().abs().max().clamp_min(1e-6)
+    err = (got.detach().float() - want.detach().float()).abs().max()
+    assert err <= rtol * scale, f"{what}: max diff {err:.3g} vs scale {scale:.3g} (rtol {rtol})"
+
+
+@pytest.mark.parametrize("bias,train_base", [(True, False), (False, False), (True, True)])
+def test_fused_lora_linear_matches_reference_fp32(bias, train_base):
+    """Values and gradients (x, the A shared by q/k/v, each B, and W/b when the base trains) equal the
+    plain formulation in fp32."""
+    block, ref = _block_and_reference(bias=bias, train_base=train_base)
+    scaling = block.q_proj.scaling
+    x = torch.randn(2, 7, 12, requires_grad=True)
+    trained = {n: p for n, p in block.named_parameters() if p.requires_grad}
+    assert ("q_proj.weight" in trained) == train_base and "k_proj.lora_A" not in trained  # one shared A
+    outs, grads = _outputs_and_grads(block, x, trained)
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref_outs, ref_grads = _outputs_and_grads(lambda t: _reference_forward(ref, t, scaling), x_ref,
+                                             {n: ref[n] for n in trained})
+    for i, (o, r) in enumerate(zip(outs, ref_outs)):
+        assert o.dtype == torch.float32
+        assert_close(o, r, 2e-5, f"output {i}")
+    assert set(grads) == set(ref_grads)
+    for n in grads:
+        assert grads[n].dtype == torch.float32 and grads[n].shape == ref_grads[n].shape, n
+        assert_close(grads[n], ref_grads[n], 5e-5, f"grad {n}")
+    assert float(grads["q_proj.lora_A"].abs().max()) > 0 and float(grads["k_proj.lora_B"].abs().max()) > 0
+
+
+@pytest.mark.parametrize("base_dtype", [None, torch.bfloat16])
+def test_fused_lora_linear_under_bf16_autocast(base_dtype):
+    """Under CPU bf16 autocast the fused node computes in bf16 (fp32 base or bf16 base) and returns
+    each gradient in its input's own dtype (fp32 adapters, fp32 x); values stay near fp32."""
+    block, ref = _block_and_reference(base_dtype=base_dtype)
+    scaling = block.q_proj.scaling
+    x = torch.randn(2, 7, 12, requires_grad=True)
+    trained = {n: p for n, p in block.named_parameters() if p.requires_grad}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outs, grads = _outputs_and_grads(block, x, trained)
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref_outs, ref_grads = _outputs_and_grads(lambda t: _reference_forward(ref, t, scaling), x_ref,
+                                             {n: ref[n] for n in trained})
+    for i, (o, r) in enumerate(zip(outs, ref_outs)):
+        assert o.dtype == torch.bfloat16, f"output {i} is {o.dtype}"
+        _rel_close(o, r, 3e-2, f"output {i}")
+    for n in grads:
+        assert grads[n].dtype == (torch.float32 if n != "x" else x.dtype), n
+        _rel_close(grads[n], ref_grads[n], 3e-2, f"grad {n}")
+
+
+def test_fused_lora_linear_bf16_base_without_autocast():
+    """bf16 activations meeting fp32 adapters without autocast: output in the activation dtype,
+    adapter gradients in fp32, close to the fp32 formulation."""
+    block, ref = _block_and_reference(base_dtype=torch.bfloat16)
+    scaling = block.q_proj.scaling
+    x = torch.randn(2, 7, 12).bfloat16().requires_grad_(True)
+    trained = {n: p for n, p in block.named_parameters() if p.requires_grad}
+    outs, grads = _outputs_and_grads(block, x, trained)
+    x_ref = x.detach().float().requires_grad_(True)
+    ref_outs, ref_grads = _outputs_and_grads(lambda t: _reference_forward(ref, t, scaling), x_ref,
+                                             {n: ref[n] for n in trained})
+    for i, (o, r) in enumerate(zip(outs, ref_outs)):
+        assert o.dtype == torch.bfloat16
+        _rel_close(o, r, 3e-2, f"output {i}")
+    assert grads["x"].dtype == torch.bfloat16
+    for n in grads:
+        assert grads[n].dtype == (torch.bfloat16 if n == "x" else torch.float32), n
+        _rel_close(grads[n], ref_grads[n], 3e-2, f"grad {n}")
+
+
+def test_fused_lora_linear_gradcheck_float64():
+    from ernie_core.peft.lora import _ACache, lora_linear
+
+    g = torch.Generator().manual_seed(0)
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(True)
+
+    x, w, b, a, lb = leaf(2, 3, 5), leaf(4, 5), leaf(4), leaf(2, 5), leaf(4, 2)
+
+    def fn(x, w, b, a, lb, s=1.7):  # h = x Aᵀ without a path to x: the node returns x's whole gradient
+        return lora_linear(x, w, b, nn.functional.linear(x.detach(), a), a, lb, s)
+
+    assert torch.autograd.gradcheck(fn, (x, w, b, a, lb))
+    assert torch.autograd.gradcheck(lambda x, a, lb: fn(x, w.detach(), None, a, lb, 0.3), (x, a, lb))
+
+    # through the modules: shared A via _ACache, per-module B, an unfrozen base weight
+    block, _ = _block_and_reference(bias=True, seed=1)
+    block.double()
+    block.q_proj.weight.requires_grad_(True)
+    assert block.k_proj.lora_A is block.q_proj.lora_A and block.q_proj.lora_A.dtype == torch.float64
+    x = leaf(2, 3, 12)
+    params = [block.q_proj.lora_A, block.q_proj.lora_B, block.v_proj.lora_B, block.o_proj.lora_A,
+              block.o_proj.lora_B, block.q_proj.weight]
+
+    def run(x, *_):
+        # gradcheck perturbs inputs through .data, which the x Aᵀ cache cannot see: a fresh cache per
+        # call (still one for q|k|v, so the shared A's gradient is summed over the three)
+        shared = _ACache()
+        for m in (block.q_proj, block.k_proj, block.v_proj):
+            m._a_cache = shared
+        block.o_proj._a_cache = _ACache()
+        return torch.cat([o.flatten() for o in block(x)])
+
+    assert torch.autograd.gradcheck(run, (x, *params))
+
+
+def test_fused_lora_linear_saves_only_what_backward_needs():
+    """Frozen base: the node keeps W, A, h and B for backward, not x (x Aᵀ's own node keeps x once)."""
+    from ernie_core.peft.lora import lora_linear
+
+    x = torch.randn(6, 5, requires_grad=True)
+    w, a, lb = torch.randn(4, 5), torch.randn(2, 5, requires_grad=True), torch.randn(4, 2, requires_grad=True)
+    h = nn.functional.linear(x.detach(), a)
+
+    def saved(fn):
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+            fn()
+        return kept
+
+    kept = saved(lambda: lora_linear(x, w, None, h, a, lb, 2.0))
+    assert not any(t.data_ptr() == x.data_ptr() for t in kept), "x saved although W is frozen"
+    assert sum(t.numel() for t in kept) == w.numel() + a.numel() + h.numel() + lb.numel()  # W, A, h, B
+    w.requires_grad_(True)
+    kept = saved(lambda: lora_linear(x, w, None, h, a, lb, 2.0))
+    assert any(t.data_ptr() == x.data_ptr() for t in kept), "W trains: x must be kept for its gradient"
+    # frozen B (never in training, but allowed): h is not needed
+    lb.requires_grad_(False)
+    kept = saved(lambda: lora_linear(x, w, None, h, a, lb, 2.0))
+    assert not any(t.data_ptr() == h.data_ptr() for t in kept)
+    # nothing needs a gradient: nothing is kept
+    assert not saved(lambda: lora_linear(x.detach(), w.detach(), None, h.detach(), a.detach(), lb, 2.0))
+
+
+def test_adapters_off_is_a_plain_linear_and_adapters_get_no_gradient():
+    block, _ = _block_and_reference()
+    x = torch.randn(2, 7, 12, requires_grad=True)
+    with adapters_disabled(block):
+        out = block(x)
+        sum(o.sum() for o in out).backward()
+    want = nn.functional.linear(x.detach(), block.q_proj.weight, block.q_proj.bias)
+    assert_close(out[0].detach(), want, 0.0, "adapters off")
+    assert all(p.grad is None for n, p in block.named_parameters() if n.endswith(("lora_A", "lora_B")))
+
+
+@pytest.mark.parametrize("granularity,reentrant", [("full", True), ("full", False), ("full_attn", True)])
+def test_fused_lora_linear_under_recompute(granularity, reentrant):
+    """Activation recompute re-runs the adapted linears (and the x Aᵀ cache) in backward: the
+    adapter gradients equal those of a plain run."""
+    def adapter_grads(**runtime):
+        torch.manual_seed(0)
+        model = ours_from(hf_model(), **runtime).train()
+        apply_lora(model, rank=4)
+        randomize_adapters(model)
+        out = model(IDS).logits
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    want_out, want = adapter_grads()
+    got_out, got = adapter_grads(recompute=True, recompute_granularity=granularity, recompute_use_reentrant=reentrant)
+    assert_close(got_out, want_out, 1e-6, "logits")
+    assert set(got) == set(want) and all(g is not None for g in got.values())
+    for n in want:
+        assert_close(got[n], want[n], 1e-6, n)

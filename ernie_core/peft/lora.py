@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 # Leaf names of the linears that get adapters: HF split names and our fused ones (fuse_linear),
 # for dense layers and MoE experts alike. The router (`mlp.gate`), embeddings, norms and the LM
@@ -62,7 +63,10 @@ class _ACache:
     """x Aᵀ of the last input, shared by siblings that share A (q|k|v, gate|up all read the same
     normed hidden state): the fused adapter's one skinny [T, in] x [in, r] product instead of three,
     in forward and in backward. Valid only for the very same input tensor, unchanged in place, the
-    same A unchanged, and the same grad/autocast mode; anything else recomputes."""
+    same A unchanged, and the same grad/autocast mode; anything else recomputes.
+
+    The product is an ordinary autograd op in A (so a shared A's gradient sums over its siblings)
+    but not in x: the adapted linears return x's whole gradient themselves (see _LoRALinearFn)."""
 
     def __init__(self):
         self.x, self.a, self.key, self.h = None, None, None, None
@@ -72,9 +76,84 @@ class _ACache:
         key = (x._version, a._version, torch.is_grad_enabled(), autocast)
         if self.x is not None and self.x() is x and self.a is a and self.key == key:
             return self.h
-        h = F.linear(x if autocast else x.to(a.dtype), a)
+        xd = x.detach()
+        h = F.linear(xd if autocast else xd.to(a.dtype), a)
         self.x, self.a, self.key, self.h = weakref.ref(x), a, key, h
         return h
+
+
+def _autocast_off(device_type: str):
+    """Autocast off for an op body that picks its own dtypes (a free no-op when it is off already)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+class _LoRALinearFn(torch.autograd.Function):
+    """y = x Wᵀ + b + s · h Bᵀ (h = x Aᵀ, given) as one autograd node, the low-rank term added in
+    place into the base output (no [T, out] delta or sum tensors), all in `dtype` (the autocast
+    dtype, else x's).
+
+    Backward: grad_x = gy (W + s B A), the whole gradient of x in one GEMM (h carries none: it is
+    x.detach() Aᵀ, so A's gradient, s (gy B)ᵀ x, comes from its own node); grad_h = s gy B;
+    grad_B = s gyᵀ h. Saves only what backward needs: W and A for grad_x, h for grad_B, B for
+    grad_h and grad_x, and x only when W itself trains. Gradients come back in each input's own dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, h, lora_a, lora_b, scaling: float, dtype: torch.dtype):
+        with _autocast_off(x.device.type):
+            xc, wc, hc, bc = x.to(dtype), weight.to(dtype), h.to(dtype), lora_b.to(dtype)
+            y = F.linear(xc, wc, None if bias is None else bias.to(dtype))
+            # y += s · h Bᵀ, on the [T, out] view of y itself.
+            y.view(-1, y.shape[-1]).addmm_(hc.reshape(-1, hc.shape[-1]), bc.t(), alpha=scaling)
+        need_x, need_w, _, need_h, _, need_b = ctx.needs_input_grad[:6]
+        ctx.save_for_backward(weight if need_x else None, lora_a if need_x else None,
+                              lora_b if (need_x or need_h) else None,
+                              xc if need_w else None, hc if need_b else None)
+        ctx.scaling, ctx.dtype = scaling, dtype
+        ctx.in_dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype, h.dtype, lora_b.dtype)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy):
+        w, a, b, xc, hc = ctx.saved_tensors
+        need_x, need_w, need_bias, need_h, _, need_b = ctx.needs_input_grad[:6]
+        x_dt, w_dt, bias_dt, h_dt, b_dt = ctx.in_dtypes
+        s, dtype = ctx.scaling, ctx.dtype
+        gx = gw = gbias = gh = gb = None
+        with _autocast_off(gy.device.type):
+            gy2 = gy.to(dtype).reshape(-1, gy.shape[-1])
+            bc = None if b is None else b.to(dtype)
+            if need_x:
+                # W + s B A, [out, in], rounded once to the compute dtype: r << T, so merging costs far
+                # less than the [T, r] x [r, in] product and [T, in] sum it replaces.
+                w_eff = torch.addmm(w.to(dtype), bc, a.to(dtype), alpha=s)
+                gx = torch.mm(gy2, w_eff).view(*gy.shape[:-1], w.shape[1]).to(x_dt)
+            if need_w:
+                gw = torch.mm(gy2.t(), xc.reshape(-1, xc.shape[-1])).to(w_dt)
+            if need_bias:
+                gbias = gy2.sum(0, dtype=torch.float32).to(bias_dt)
+            # The skinny rank-r products are computed transposed, (Bᵀ gyᵀ)ᵀ and (hᵀ gy)ᵀ: the same
+            # values, but BLAS runs these layouts 2-3x faster on CPU (fp32) than gy B and gyᵀ h. The
+            # [T, r] grad_h stays a transposed view; A's backward reads it faster that way too.
+            if need_h:
+                gh = torch.mm(bc.t(), gy2.t()).mul_(s).t().view(*gy.shape[:-1], b.shape[1]).to(h_dt)
+            if need_b:
+                gb = torch.mm(hc.reshape(-1, hc.shape[-1]).t(), gy2).t().to(b_dt).mul_(s).contiguous()
+        return gx, gw, gbias, gh, None, gb, None, None
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor,
+                lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """x Wᵀ + bias + scaling · h Bᵀ in one autograd node, with h = x Aᵀ given (computed without a
+    gradient path to x: this node returns x's whole gradient, through W + scaling · B A). Computes
+    in the autocast dtype when autocast is on for x's device, else in x's dtype."""
+    dev = x.device.type
+    autocast = torch.is_autocast_enabled(dev) and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    dtype = torch.get_autocast_dtype(dev) if autocast else x.dtype
+    return _LoRALinearFn.apply(x, weight, bias, h, lora_a, lora_b, float(scaling), dtype)
 
 
 class LoRALinear(nn.Linear):
@@ -108,12 +187,10 @@ class LoRALinear(nn.Linear):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
         if not self.enabled:
-            return y
-        # Scale the [T, r] intermediate rather than the [T, out] result: r << out.
-        h = self._a_cache.get(x, self.lora_A)
-        return y + F.linear(h * self.scaling, self.lora_B).to(y.dtype)
+            return F.linear(x, self.weight, self.bias)
+        h = self._a_cache.get(x, self.lora_A)  # autograd op in A: a shared A's gradient accumulates
+        return lora_linear(x, self.weight, self.bias, h, self.lora_A, self.lora_B, self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling · B A in fp32, [out, in]: what merging adds to `weight`."""
