@@ -1,5 +1,6 @@
 // Bindings of the FlashMask attention kernels: ernie_core_C::flashmask_fwd / flashmask_bwd
 // (schemas in ops.cpp). CPU impls fill a FlashMaskParams; Meta impls give shapes for fake tensors.
+// Dropout's seed and offset arrive as int64 and are read as the kernel's uint64 key words.
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -33,7 +34,10 @@ void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::
 }
 
 ernie_cpu::FlashMaskParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                       const at::Tensor& idx, bool causal, double scale) {
+                                       const at::Tensor& idx, bool causal, double scale, double dropout_p,
+                                       int64_t seed, int64_t offset) {
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0, "flashmask_attention: dropout_p must be in [0, 1], got ",
+              dropout_p);
   ernie_cpu::FlashMaskParams p;
   p.dtype = kernel_dtype(q, "q");
   p.B = int(q.size(0)), p.S = int(q.size(1)), p.Hq = int(q.size(2)), p.Hkv = int(k.size(2)), p.D = int(q.size(3));
@@ -41,12 +45,13 @@ ernie_cpu::FlashMaskParams make_params(const at::Tensor& q, const at::Tensor& k,
   strides3(q, p.q_stride), strides3(k, p.k_stride), strides3(v, p.v_stride);
   p.idx = idx.data_ptr<int32_t>(), p.idx_heads = int(idx.size(1)), p.n_idx = int(idx.size(3));
   p.causal = causal, p.scale = float(scale), p.num_threads = num_threads();
+  p.dropout_p = dropout_p, p.seed = uint64_t(seed), p.offset = uint64_t(offset);
   return p;
 }
 
 std::tuple<at::Tensor, at::Tensor> flashmask_fwd_cpu(const at::Tensor& q_, const at::Tensor& k_,
                                                      const at::Tensor& v_, const at::Tensor& idx_, bool causal,
-                                                     double scale) {
+                                                     double scale, double dropout_p, int64_t seed, int64_t offset) {
   for (auto* t : {&q_, &k_, &v_, &idx_}) check_cpu(*t, "flashmask_attention input");
   check_attention_inputs(q_, k_, v_, idx_, causal);
   const at::Tensor q = last_dim_contiguous(q_), k = last_dim_contiguous(k_), v = last_dim_contiguous(v_);
@@ -54,7 +59,7 @@ std::tuple<at::Tensor, at::Tensor> flashmask_fwd_cpu(const at::Tensor& q_, const
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
   if (q.numel() == 0) return {out, lse};
-  ernie_cpu::FlashMaskParams p = make_params(q, k, v, idx, causal, scale);
+  ernie_cpu::FlashMaskParams p = make_params(q, k, v, idx, causal, scale, dropout_p, seed, offset);
   TORCH_CHECK(*ernie_cpu::flashmask_check(p) == 0, "flashmask_attention: ", ernie_cpu::flashmask_check(p));
   p.out = out.data_ptr(), p.lse = lse.data_ptr<float>();
   strides3(out, p.o_stride);
@@ -65,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor> flashmask_fwd_cpu(const at::Tensor& q_, const
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flashmask_bwd_cpu(
     const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
     const at::Tensor& out_, const at::Tensor& lse_, const at::Tensor& idx_, bool causal, double scale,
-    const std::optional<at::Tensor>& dlse_) {
+    const std::optional<at::Tensor>& dlse_, double dropout_p, int64_t seed, int64_t offset) {
   for (auto* t : {&dout_, &q_, &k_, &v_, &out_, &lse_, &idx_}) check_cpu(*t, "flashmask_attention input");
   check_attention_inputs(q_, k_, v_, idx_, causal);
   TORCH_CHECK(dout_.sizes() == q_.sizes() && out_.sizes() == q_.sizes(),
@@ -79,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flashmask_bwd_cpu(
   at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options()),
              dv = at::empty(v.sizes(), v.options());
   if (q.numel() == 0) return {dq, dk, dv};
-  ernie_cpu::FlashMaskParams p = make_params(q, k, v, idx, causal, scale);
+  ernie_cpu::FlashMaskParams p = make_params(q, k, v, idx, causal, scale, dropout_p, seed, offset);
   TORCH_CHECK(*ernie_cpu::flashmask_check(p) == 0, "flashmask_attention: ", ernie_cpu::flashmask_check(p));
   at::Tensor dlse;
   if (dlse_.has_value() && dlse_->defined()) {
@@ -96,7 +101,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flashmask_bwd_cpu(
 }
 
 std::tuple<at::Tensor, at::Tensor> flashmask_fwd_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                      const at::Tensor& idx, bool causal, double scale) {
+                                                      const at::Tensor& idx, bool causal, double scale,
+                                                      double dropout_p, int64_t seed, int64_t offset) {
   check_attention_inputs(q, k, v, idx, causal);
   return {at::empty(q.sizes(), q.options()),
           at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat))};
@@ -104,7 +110,8 @@ std::tuple<at::Tensor, at::Tensor> flashmask_fwd_meta(const at::Tensor& q, const
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flashmask_bwd_meta(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const at::Tensor& idx, bool causal, double scale, const std::optional<at::Tensor>& dlse) {
+    const at::Tensor& lse, const at::Tensor& idx, bool causal, double scale, const std::optional<at::Tensor>& dlse,
+    double dropout_p, int64_t seed, int64_t offset) {
   return {at::empty(q.sizes(), q.options()), at::empty(k.sizes(), k.options()), at::empty(v.sizes(), v.options())};
 }
 

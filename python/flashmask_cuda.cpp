@@ -57,14 +57,22 @@ std::vector<at::Tensor> make_params(ernie_cuda::FlashMaskParams& p, const at::Te
   return {spans, table};
 }
 
+// Attention dropout is a CPU-kernel feature so far; ernie_core.ops sends dropout on CUDA to the reference.
+void check_no_dropout(double dropout_p) {
+  TORCH_CHECK(dropout_p == 0.0, "flashmask_attention (CUDA kernel): attention dropout (dropout_p = ", dropout_p,
+              ") is not implemented on CUDA; call ernie_core.ops.flashmask_attention, which uses the reference");
+}
+
 void check_supported(const ernie_cuda::FlashMaskParams& p) {
   const char* why = ernie_cuda::flashmask_cuda_unsupported(p);
   TORCH_CHECK(*why == 0, "flashmask_attention (CUDA kernel): ", why, "; use ERNIE_CORE_BACKEND=triton");
 }
 
 std::tuple<at::Tensor, at::Tensor> flashmask_fwd_cuda(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
-                                                      const at::Tensor& idx_, bool causal, double scale) {
+                                                      const at::Tensor& idx_, bool causal, double scale,
+                                                      double dropout_p, int64_t seed, int64_t offset) {
   check_inputs(q_, k_, v_, idx_, causal);
+  check_no_dropout(dropout_p);
   const c10::cuda::CUDAGuard guard(q_.device());
   const at::Tensor q = last_contig(q_), k = last_contig(k_), v = last_contig(v_), idx = idx_.contiguous();
   at::Tensor out = at::empty(q.sizes(), q.options());
@@ -82,8 +90,10 @@ std::tuple<at::Tensor, at::Tensor> flashmask_fwd_cuda(const at::Tensor& q_, cons
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flashmask_bwd_cuda(
     const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& out_,
-    const at::Tensor& lse_, const at::Tensor& idx_, bool causal, double scale, const std::optional<at::Tensor>& dlse) {
+    const at::Tensor& lse_, const at::Tensor& idx_, bool causal, double scale, const std::optional<at::Tensor>& dlse,
+    double dropout_p, int64_t seed, int64_t offset) {
   check_inputs(q_, k_, v_, idx_, causal);
+  check_no_dropout(dropout_p);
   TORCH_CHECK(!dlse.has_value() || !dlse->defined(),
               "flashmask_attention backward (CUDA kernel): a gradient of lse is not supported; use "
               "ERNIE_CORE_BACKEND=reference for it");

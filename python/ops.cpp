@@ -20,10 +20,13 @@ PyMODINIT_FUNC PyInit__C(void) {
 }
 
 TORCH_LIBRARY(ernie_core_C, m) {
-  m.def("flashmask_fwd(Tensor q, Tensor k, Tensor v, Tensor startend_row_indices, bool causal, float scale)"
-        " -> (Tensor out, Tensor lse)");
+  // dropout_p > 0: attention-probability dropout with the counter-based keep mask of (seed, offset)
+  // (csrc/cpu/flashmask.h); the backward takes the forward's dropout_p, seed and offset.
+  m.def("flashmask_fwd(Tensor q, Tensor k, Tensor v, Tensor startend_row_indices, bool causal, float scale, "
+        "float dropout_p=0., int seed=0, int offset=0) -> (Tensor out, Tensor lse)");
   m.def("flashmask_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-        "Tensor startend_row_indices, bool causal, float scale, Tensor? dlse=None) -> (Tensor dq, Tensor dk, Tensor dv)");
+        "Tensor startend_row_indices, bool causal, float scale, Tensor? dlse=None, float dropout_p=0., int seed=0, "
+        "int offset=0) -> (Tensor dq, Tensor dk, Tensor dv)");
   m.def("rope(Tensor x, Tensor position_ids, Tensor inv_freq, bool inverse) -> Tensor");
   m.def("rope_qk(Tensor q, Tensor k, Tensor position_ids, Tensor inv_freq, bool inverse) -> (Tensor, Tensor)");
   m.def("rms_norm_fwd(Tensor x, Tensor weight, float eps) -> (Tensor y, Tensor rstd)");

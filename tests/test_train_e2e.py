@@ -62,9 +62,16 @@ def test_run_logs_saves_and_reports(tmp_path, capsys):
     assert result["eval_loss"] == pytest.approx(report["eval_loss_after"], rel=1e-5)
 
 
-def test_resume_after_crash_gives_identical_losses(tmp_path, monkeypatch):
+@pytest.mark.parametrize("extra", [(), ("attention_probs_dropout_prob=0.2",)], ids=["plain", "attention_dropout"])
+def test_resume_after_crash_gives_identical_losses(tmp_path, monkeypatch, extra):
+    """Bitwise resume; with attention dropout too (the kernel's keep masks come from the torch RNG
+    state, which the checkpoint saves and restores)."""
+
+    def run_args(path, *more):
+        return args(path, *extra, *more)
+
     uninterrupted = tmp_path / "a"
-    assert main(args(uninterrupted)) == 0
+    assert main(run_args(uninterrupted)) == 0
     ref = losses(uninterrupted / "out")
 
     from ernie_core.train.trainer import Trainer
@@ -79,9 +86,9 @@ def test_resume_after_crash_gives_identical_losses(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Trainer, "optimizer_step", dying_step)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        main(args(crashed, "overwrite_output_dir=false"))
+        main(run_args(crashed, "overwrite_output_dir=false"))
     monkeypatch.setattr(Trainer, "optimizer_step", real_step)
-    assert main(args(crashed, "overwrite_output_dir=false")) == 0  # the same command resumes
+    assert main(run_args(crashed, "overwrite_output_dir=false")) == 0  # the same command resumes
     assert losses(crashed / "out") == ref  # bitwise on CPU
 
 

@@ -26,6 +26,9 @@ struct FlashMaskParams {
   int idx_heads = 1, n_idx = 1;
   bool causal = true;
   float scale = 1.0f;
+  // Attention-probability dropout (0 = off): keep mask from (seed, offset), see dropout_keep16 below.
+  double dropout_p = 0.0;
+  uint64_t seed = 0, offset = 0;
   // Backward only.
   const void* dout = nullptr;
   const float* dlse = nullptr;  // optional upstream gradient of lse [B, Hq, S]
@@ -95,5 +98,60 @@ inline void load_tile(const T* src, int64_t ld, int n, int rows_pad, int D, int 
 }
 
 inline int round_up16(int x) { return (x + 15) / 16 * 16; }
+
+// ---- attention dropout: a counter-based keep mask -----------------------------------------------
+// out = dropout(softmax(s)) V with the normaliser (lse) of the undropped probabilities. The mask is
+// a pure function of (seed, offset, b, h, i, j), so backward regenerates the forward's mask without
+// storing it (the same scheme is written with int64 tensor ops in ernie_core/ops/reference.py,
+// `dropout_keep_mask`; the two must stay bit-identical):
+//   mix64 = the SplitMix64 output function (Steele et al. 2014; Stafford's "Mix13" constants),
+//   head  = mix64(mix64(mix64(seed) ^ offset) ^ (b << 32 | h)),   row = mix64(head ^ i),
+//   x     = mix64(row + (j / 2 + 1) * 0x9E3779B97F4A7C15)   (SplitMix64's stream seeded with row),
+//   u     = the low 32 bits of x for even j, the high 32 bits for odd j (one mix per column pair),
+//   keep  = u >= t with t = floor(p * 2^32); kept probabilities are scaled by 1 / (1 - p).
+// p = 1 gives scale 0 (every probability dropped; the 32-bit threshold then saturates, harmlessly).
+constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ull;
+
+inline uint64_t mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+struct Dropout {
+  bool on = false;
+  uint32_t threshold = 0;  // keep u >= threshold
+  float rescale = 1.0f;    // 1 / (1 - p), 0 for p = 1
+  uint64_t seed_key = 0;   // mix64(mix64(seed) ^ offset)
+  explicit Dropout(const FlashMaskParams& p) {
+    on = p.dropout_p > 0.0;
+    if (!on) return;
+    const double t = std::floor(p.dropout_p * 4294967296.0);
+    threshold = t >= 4294967295.0 ? 0xFFFFFFFFu : uint32_t(t);
+    rescale = p.dropout_p < 1.0 ? float(1.0 / (1.0 - p.dropout_p)) : 0.0f;
+    seed_key = mix64(mix64(p.seed) ^ p.offset);
+  }
+  // Keys of rows [r0, r0 + n) of (batch b, query head h).
+  void row_keys(int b, int h, int r0, int n, uint64_t* keys) const {
+    const uint64_t head = mix64(seed_key ^ (uint64_t(uint32_t(b)) << 32 | uint32_t(h)));
+    for (int r = 0; r < n; ++r) keys[r] = mix64(head ^ uint64_t(r0 + r));
+  }
+};
+
+typedef uint64_t vu64 __attribute__((vector_size(64)));  // 8 lanes
+typedef uint32_t vu32 __attribute__((vector_size(64)));  // 16 lanes
+
+// Keep flags (-1 keep, 0 drop) of columns j0 .. j0 + 15 (j0 even) of the row with key row_key.
+// Little-endian: 32-bit lane 2k is the low half of 64-bit lane k (column j0 + 2k), 2k + 1 the high.
+inline vint dropout_keep16(uint64_t row_key, int j0, uint32_t threshold) {
+  const vu64 pair = vu64{1, 2, 3, 4, 5, 6, 7, 8} + uint64_t(j0 / 2);
+  vu64 z = pair * kGolden + row_key;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z = z ^ (z >> 31);
+  vu32 u;
+  std::memcpy(&u, &z, sizeof u);
+  return (vint)(u >= threshold);
+}
 
 }  // namespace ernie_cpu

@@ -13,6 +13,7 @@ const char* flashmask_check(const FlashMaskParams& p) {
   if (p.idx_heads != 1 && p.idx_heads != p.Hkv) return "mask heads must be 1 or the key/value head count";
   if (p.causal && p.n_idx != 1 && p.n_idx != 2) return "causal FlashMask takes 1 or 2 indices per column";
   if (!p.causal && p.n_idx != 2 && p.n_idx != 4) return "bidirectional FlashMask takes 2 or 4 indices per column";
+  if (!(p.dropout_p >= 0.0 && p.dropout_p <= 1.0)) return "dropout_p must be in [0, 1]";
   return "";
 }
 

@@ -26,8 +26,22 @@ def _flashmask_supports(q, *tensors):
     return q.shape[-1] <= 256 and _supports(q, *tensors)  # the kernel's tiles hold head dims up to 256
 
 
+def _seed_offset(rng_state):
+    seed, offset = rng_state.tolist()  # int64 [2] on CPU (ops/reference.py, draw_dropout_rng_state)
+    return int(seed), int(offset)
+
+
 def _flashmask_bwd(dout, q, k, v, out, lse, idx, causal, scale, dlse=None):
     return _C_OPS.flashmask_bwd(dout, q, k, v, out, lse, idx, causal, scale, dlse)
+
+
+def _flashmask_fwd_dropout(q, k, v, idx, causal, scale, dropout_p, rng_state):
+    return _C_OPS.flashmask_fwd(q, k, v, idx, causal, scale, dropout_p, *_seed_offset(rng_state))
+
+
+def _flashmask_bwd_dropout(dout, q, k, v, out, lse, idx, causal, scale, dropout_p, rng_state, dlse=None):
+    return _C_OPS.flashmask_bwd(dout, q, k, v, out, lse, idx, causal, scale, dlse, dropout_p,
+                                *_seed_offset(rng_state))
 
 
 def _rope_fwd(x, position_ids, theta, inverse=False):
@@ -45,6 +59,8 @@ def _head_ce(hidden, weight, labels, ignore_index, chunk_tokens, grad_hidden=Tru
 _KERNELS = {
     ("flashmask_attention", "fwd"): _C_OPS.flashmask_fwd,
     ("flashmask_attention", "bwd"): _flashmask_bwd,
+    ("flashmask_attention", "fwd_dropout"): _flashmask_fwd_dropout,
+    ("flashmask_attention", "bwd_dropout"): _flashmask_bwd_dropout,
     ("rope", "fwd"): _rope_fwd,
     ("rope", "fwd_qk"): _rope_fwd_qk,
     ("rms_norm", "fwd"): _C_OPS.rms_norm_fwd,

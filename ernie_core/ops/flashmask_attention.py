@@ -7,8 +7,17 @@ tensors where built, CUDA/Triton kernels for CUDA tensors once they register, el
 A backend registers `fwd(q, k, v, idx, causal, scale) -> (out, lse)` and
 `bwd(dout, q, k, v, out, lse, idx, causal, scale[, dlse=]) -> (dq, dk, dv)`, and optionally
 `supports(q, k, v) -> bool`.
+
+Attention dropout (dropout_p > 0) is a separate capability: a backend that has it registers
+`fwd_dropout(q, k, v, idx, causal, scale, dropout_p, rng_state)` and `bwd_dropout(dout, q, k, v,
+out, lse, idx, causal, scale, dropout_p=, rng_state=[, dlse=])`. rng_state is int64 [2] (seed,
+offset) on CPU, drawn from the default CPU generator by the front door and saved for backward; the
+keep mask is a hash of (seed, offset, b, h, i, j) (reference.dropout_keep_mask), so backward
+regenerates it. The C++ CPU kernel has it; where no kernel does (CUDA/Triton today) the reference
+runs it, with a one-time warning.
 """
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -17,6 +26,27 @@ from . import _backend, _dtypes
 from . import reference as ref
 
 OP = "flashmask_attention"
+_WARNED_DROPOUT_FALLBACK: set[str] = set()  # device types already warned about (once per process)
+
+
+def _choose(q, k, v, fn_name: str, dropout: bool) -> str:
+    """The backend for this call; dropout needs a `<fn_name>_dropout` kernel, else the reference."""
+    if not dropout:
+        return _backend.choose_backend(OP, q, k, v, fn_name=fn_name)
+    fn_name += "_dropout"
+    forced = _backend.forced_backend()
+    if forced not in (None, "reference") and not _backend.has_kernel(OP, forced, fn_name):
+        backend = "reference"  # a forced kernel backend without dropout: the reference, as below
+    else:
+        backend = _backend.choose_backend(OP, q, k, v, fn_name=fn_name)
+    if backend == "reference" and forced != "reference" and q.device.type not in _WARNED_DROPOUT_FALLBACK:
+        _WARNED_DROPOUT_FALLBACK.add(q.device.type)
+        warnings.warn(
+            f"flashmask_attention: dropout_p > 0 with {q.dtype} {q.device.type} tensors runs the pure-PyTorch "
+            "reference, because no attention kernel built here implements dropout for them (only the C++ CPU "
+            "kernel does): it materialises [B, H, S, S] probabilities, so time and memory grow as S^2. Set "
+            "attention_probs_dropout_prob=0 to use the kernels.", stacklevel=2)
+    return backend
 
 
 def default_indices(q: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -29,18 +59,30 @@ def default_indices(q: torch.Tensor, causal: bool) -> torch.Tensor:
     return idx
 
 
+def _check_dropout(dropout_p: float, rng_state: Optional[torch.Tensor]) -> bool:
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"flashmask_attention: dropout_p must be in [0, 1], got {dropout_p}")
+    if dropout_p > 0.0 and (rng_state is None or rng_state.dtype != torch.int64 or rng_state.numel() != 2):
+        raise ValueError("flashmask_attention: dropout_p > 0 needs rng_state, an int64 tensor (seed, offset)")
+    return dropout_p > 0.0
+
+
 @torch.library.custom_op("ernie_core::flashmask_attention", mutates_args=())
 def flashmask_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, startend_row_indices: torch.Tensor, causal: bool,
-    softmax_scale: float,
+    softmax_scale: float, dropout_p: float = 0.0, rng_state: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    backend = _backend.choose_backend(OP, q, k, v)
+    dropout = _check_dropout(dropout_p, rng_state)
+    backend = _choose(q, k, v, "fwd", dropout)
     with _dtypes.no_autocast(q):
+        if dropout:
+            fwd = _backend.kernel(OP, backend, "fwd_dropout")
+            return fwd(q, k, v, startend_row_indices, causal, softmax_scale, dropout_p, rng_state)
         return _backend.kernel(OP, backend, "fwd")(q, k, v, startend_row_indices, causal, softmax_scale)
 
 
 @flashmask_attention_op.register_fake
-def _(q, k, v, startend_row_indices, causal, softmax_scale):
+def _(q, k, v, startend_row_indices, causal, softmax_scale, dropout_p=0.0, rng_state=None):
     B, S, Hq, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((B, Hq, S), dtype=torch.float32)
 
@@ -49,44 +91,54 @@ def _(q, k, v, startend_row_indices, causal, softmax_scale):
 def flashmask_attention_backward_op(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     startend_row_indices: torch.Tensor, causal: bool, softmax_scale: float, dlse: Optional[torch.Tensor],
+    dropout_p: float = 0.0, rng_state: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    backend = _backend.choose_backend(OP, q, k, v, fn_name="bwd")
-    bwd = _backend.kernel(OP, backend, "bwd")
+    dropout = _check_dropout(dropout_p, rng_state)
+    backend = _choose(q, k, v, "bwd", dropout)
     extra = {} if dlse is None else {"dlse": dlse}
+    if dropout:
+        bwd = _backend.kernel(OP, backend, "bwd_dropout")
+        extra.update(dropout_p=dropout_p, rng_state=rng_state)
+    else:
+        bwd = _backend.kernel(OP, backend, "bwd")
     with _dtypes.no_autocast(q):
         return bwd(dout, q, k, v, out, lse, startend_row_indices, causal, softmax_scale, **extra)
 
 
 @flashmask_attention_backward_op.register_fake
-def _(dout, q, k, v, out, lse, startend_row_indices, causal, softmax_scale, dlse):
+def _(dout, q, k, v, out, lse, startend_row_indices, causal, softmax_scale, dlse, dropout_p=0.0, rng_state=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, idx, causal, scale = inputs
+    q, k, v, idx, causal, scale, dropout_p, rng_state = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, idx, out, lse)
-    ctx.causal, ctx.scale = causal, scale
+    ctx.save_for_backward(q, k, v, idx, out, lse, rng_state)
+    ctx.causal, ctx.scale, ctx.dropout_p = causal, scale, dropout_p
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, idx, out, lse = ctx.saved_tensors
+    q, k, v, idx, out, lse, rng_state = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = flashmask_attention_backward_op(dout, q, k, v, out, lse, idx, ctx.causal, ctx.scale, dlse)
-    return dq, dk, dv, None, None, None
+    dq, dk, dv = flashmask_attention_backward_op(dout, q, k, v, out, lse, idx, ctx.causal, ctx.scale, dlse,
+                                                 ctx.dropout_p, rng_state)
+    return dq, dk, dv, None, None, None, None, None
 
 
 flashmask_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _reference_fwd(q, k, v, idx, causal, scale):
-    out, lse = ref.flashmask_attention_reference(q, k, v, idx, causal, scale, return_lse=True)
+def _reference_fwd(q, k, v, idx, causal, scale, dropout_p=0.0, rng_state=None):
+    out, lse = ref.flashmask_attention_reference(q, k, v, idx, causal, scale, dropout_p, return_lse=True,
+                                                 rng_state=rng_state)
     return out.contiguous(), lse.contiguous()
 
 
 _backend.register(OP, "reference", "fwd", _reference_fwd)
 _backend.register(OP, "reference", "bwd", ref.flashmask_attention_backward_reference)
+_backend.register(OP, "reference", "fwd_dropout", _reference_fwd)
+_backend.register(OP, "reference", "bwd_dropout", ref.flashmask_attention_backward_reference)
 
 
 def flashmask_attention(q, k, v, startend_row_indices=None, causal=True, softmax_scale=None, dropout_p=0.0):
@@ -98,7 +150,10 @@ def flashmask_attention(q, k, v, startend_row_indices=None, causal=True, softmax
     1/sqrt(D). Rows that may attend no column give 0 (zero gradients), never NaN.
     Under autocast q, k, v are cast to the autocast dtype (bf16 on CPU), else to their common
     dtype; kernels accumulate in fp32 either way.
-    dropout_p > 0 runs the reference (materialises [S, S] probabilities): no kernel has dropout yet.
+    dropout_p > 0: out = dropout(softmax(s)) v (training-time attention-probability dropout, kept
+    entries scaled by 1/(1-p)); the keep mask's (seed, offset) come from torch's default CPU
+    generator at this call, so `torch.manual_seed` / `torch.set_rng_state` reproduce it. The CPU
+    kernel runs it in O(S) memory; elsewhere the reference does (materialises [S, S], warns once).
     """
     q, k, v = _dtypes.matmul_inputs(q, k, v)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
@@ -106,8 +161,10 @@ def flashmask_attention(q, k, v, startend_row_indices=None, causal=True, softmax
         idx = default_indices(q, causal)
     else:
         idx = startend_row_indices if startend_row_indices.dtype == torch.int32 else startend_row_indices.int()
-    if dropout_p > 0.0:  # fp32 scores/softmax inside, as the kernels: autocast must not make them bf16
-        with _dtypes.no_autocast(q):
-            return ref.flashmask_attention_reference(q, k, v, idx, causal, scale, dropout_p)
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"flashmask_attention: dropout_p must be in [0, 1], got {dropout_p}")
+    if dropout_p > 0.0:
+        out, _ = flashmask_attention_op(q, k, v, idx, causal, scale, float(dropout_p), ref.draw_dropout_rng_state())
+        return out
     out, _ = flashmask_attention_op(q, k, v, idx, causal, scale)
     return out

@@ -46,6 +46,82 @@ def startend_row_indices_to_mask(idx: torch.Tensor, causal: bool = True) -> torc
     return ~masked
 
 
+# ---- attention dropout: the counter-based keep mask of the kernels (csrc/cpu/flashmask.h) ---------
+# uint64 arithmetic written with int64 tensors: +, *, ^ wrap the same way in two's complement; only
+# right shifts differ (arithmetic), so they are masked down to logical shifts.
+_U64 = 1 << 64
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def _i64(x: int) -> int:
+    """A uint64 constant as the int64 with the same bits."""
+    x %= _U64
+    return x - _U64 if x >= 1 << 63 else x
+
+
+def _srl(z: torch.Tensor, k: int) -> torch.Tensor:
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def mix64(z: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's output function on the uint64 bits of an int64 tensor (any shape)."""
+    z = (z ^ _srl(z, 30)) * _i64(_MIX1)
+    z = (z ^ _srl(z, 27)) * _i64(_MIX2)
+    return z ^ _srl(z, 31)
+
+
+def draw_dropout_rng_state() -> torch.Tensor:
+    """(seed, offset) int64 [2] on CPU, drawn from torch's default CPU generator: `torch.manual_seed`
+    makes the dropout masks reproducible, and `torch.set_rng_state` (checkpoint resume) replays them."""
+    return torch.empty(2, dtype=torch.int64).random_()
+
+
+def dropout_threshold(dropout_p: float) -> int:
+    """t = floor(p * 2^32): a 32-bit draw u is kept when u >= t."""
+    return min(int(dropout_p * 4294967296.0), 1 << 32)
+
+
+def dropout_keep_mask(rng_state: torch.Tensor, B: int, H: int, S: int, dropout_p: float, device=None,
+                      chunk_elems: int = 1 << 22) -> torch.Tensor:
+    """bool [B, H, S, S] indexed [b, query head, row i, column j]: True = probability kept.
+
+    rng_state int64 [2] = (seed, offset). The kernels' scheme (csrc/cpu/flashmask.h), with mix64
+    the SplitMix64 output function:
+      head = mix64(mix64(mix64(seed) ^ offset) ^ (b << 32 | h)),  row = mix64(head ^ i),
+      x = mix64(row + (j // 2 + 1) * 0x9E3779B97F4A7C15),  u = low 32 bits of x (j even) or high (j odd),
+      keep = u >= floor(p * 2^32).
+    Rows are hashed in chunks of about chunk_elems entries, so int64 temporaries stay small.
+    """
+    seed, offset = (int(x) for x in rng_state.reshape(-1).tolist())
+    t = dropout_threshold(dropout_p)
+    seed_key = mix64(mix64(torch.tensor(seed, dtype=torch.int64, device=device)) ^ offset)
+    b = torch.arange(B, dtype=torch.int64, device=device).view(B, 1, 1)
+    h = torch.arange(H, dtype=torch.int64, device=device).view(1, H, 1)
+    head = mix64(seed_key ^ ((b << 32) | h))  # [B, H, 1]
+    rows = mix64(head ^ torch.arange(S, dtype=torch.int64, device=device).view(1, 1, S))  # [B, H, S]
+    j = torch.arange(S, dtype=torch.int64, device=device)
+    pair = ((j >> 1) + 1) * _i64(_GOLDEN)
+    odd = (j & 1).bool()
+    keep = torch.empty(B, H, S, S, dtype=torch.bool, device=device)
+    step = max(1, chunk_elems // max(1, B * H * S))
+    for i0 in range(0, S, step):
+        x = mix64(rows[:, :, i0:i0 + step, None] + pair)  # [B, H, rows, S]
+        u = torch.where(odd, _srl(x, 32), x & 0xFFFFFFFF)
+        keep[:, :, i0:i0 + step] = u >= t
+    return keep
+
+
+def _apply_dropout(probs: torch.Tensor, dropout_p: float, rng_state: torch.Tensor | None) -> torch.Tensor:
+    """probs [B, H, S, S] fp32 -> keep * probs / (1 - p) with the kernels' keep mask (scale 0 for p = 1)."""
+    B, H, S, _ = probs.shape
+    if rng_state is None:
+        rng_state = draw_dropout_rng_state()
+    keep = dropout_keep_mask(rng_state, B, H, S, dropout_p, probs.device)
+    scale = 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0
+    return probs * keep * torch.tensor(scale, dtype=torch.float32, device=probs.device)
+
+
 def flashmask_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -55,12 +131,15 @@ def flashmask_attention_reference(
     softmax_scale: float | None = None,
     dropout_p: float = 0.0,
     return_lse: bool = False,
+    rng_state: torch.Tensor | None = None,
 ):
     """Attention with a FlashMask mask, materialising the [S, S] scores (reference only).
 
     q [B, S, Hq, D], k/v [B, S, Hkv, D] (Hq a multiple of Hkv); indices [B, 1|Hkv, S, n] or None
-    (plain causal / full attention). Returns out [B, S, Hq, D] in q's dtype (and lse [B, Hq, S] fp32).
-    Rows that may attend nothing give 0, not NaN.
+    (plain causal / full attention). Returns out [B, S, Hq, D] in q's dtype (and lse [B, Hq, S] fp32,
+    the normaliser of the undropped probabilities). Rows that may attend nothing give 0, not NaN.
+    dropout_p > 0: out = dropout(softmax(s)) v with the kernels' keep mask (`dropout_keep_mask`) of
+    rng_state int64 [2] = (seed, offset); None draws it from the default CPU generator, as the op does.
     """
     B, S, Hq, D = q.shape
     Hkv = k.shape[2]
@@ -88,7 +167,7 @@ def flashmask_attention_reference(
     any_allowed = allowed.any(dim=-1)
     lse = torch.where(any_allowed, torch.logsumexp(scores, dim=-1), torch.full_like(scores[..., 0], float("-inf")))
     if dropout_p > 0.0:
-        probs = F.dropout(probs, p=dropout_p, training=True)
+        probs = _apply_dropout(probs, dropout_p, rng_state)
     out = torch.matmul(probs, vf).transpose(1, 2).to(q.dtype)
     return (out, lse) if return_lse else out
 
@@ -164,11 +243,13 @@ def _flashmask_allowed(idx, causal, S, Hq, device):
 
 
 def flashmask_attention_backward_reference(dout, q, k, v, out, lse, startend_row_indices, causal=True,
-                                           softmax_scale=None, dlse=None):
+                                           softmax_scale=None, dlse=None, dropout_p=0.0, rng_state=None):
     """dq, dk, dv of flashmask_attention given the saved out and lse [B, Hq, S] (fp32 math).
 
     P = exp(s - lse) on visible entries, delta = rowsum(dO * O) - dlse, dS = P (dP - delta),
     dq = scale dS k, dk = scale dS^T q, dv = P^T dO (summed over the query heads of a kv head).
+    With dropout (keep mask Z, r = 1/(1-p), from the forward's rng_state): dv = (r Z P)^T dO,
+    dP = r Z (dO v^T), and delta is unchanged since sum_j P dP = dO . O (O includes the dropout).
     """
     B, S, Hq, D = q.shape
     Hkv = k.shape[2]
@@ -183,10 +264,17 @@ def flashmask_attention_backward_reference(dout, q, k, v, out, lse, startend_row
     delta = (dof * of).sum(-1, keepdim=True)
     if dlse is not None:
         delta = delta - dlse.float().unsqueeze(-1)
-    ds = probs * (torch.matmul(dof, vf.transpose(-1, -2)) - delta)
+    dp = torch.matmul(dof, vf.transpose(-1, -2))
+    dropped = probs
+    if dropout_p > 0.0:
+        if rng_state is None:
+            raise ValueError("the dropout backward needs the forward's rng_state")
+        dropped = _apply_dropout(probs, dropout_p, rng_state)  # r Z P
+        dp = _apply_dropout(dp, dropout_p, rng_state)  # r Z dP
+    ds = probs * (dp - delta)
     dq = torch.matmul(ds, kf) * scale
     dk = (torch.matmul(ds.transpose(-1, -2), qf) * scale).view(B, Hkv, group, S, D).sum(2)
-    dv = torch.matmul(probs.transpose(-1, -2), dof).view(B, Hkv, group, S, D).sum(2)
+    dv = torch.matmul(dropped.transpose(-1, -2), dof).view(B, Hkv, group, S, D).sum(2)
     return (dq.transpose(1, 2).to(q.dtype).contiguous(), dk.transpose(1, 2).to(k.dtype).contiguous(),
             dv.transpose(1, 2).to(v.dtype).contiguous())
 

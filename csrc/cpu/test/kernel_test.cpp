@@ -97,10 +97,30 @@ static void test_swiglu() {
   expect_close("swiglu forward", y, want, 1e-5f);
 }
 
+// Dropout's keep mask: mix64 is SplitMix64's output function (its published first outputs from seed 0),
+// and the 16-lane keep flags are the scalar formula of flashmask.h (low/high 32 bits per column pair).
+static void test_dropout_hash() {
+  bool ok = mix64(kGolden) == 0xE220A8397B1DCDAFull && mix64(2 * kGolden) == 0x6E789E6AA1B965F4ull;
+  const uint64_t row_key = 0x0123456789ABCDEFull;
+  const uint32_t threshold = 0x40000000u;  // p = 0.25
+  for (int j0 = 0; j0 < 256; j0 += kVecLen) {
+    const vint keep = dropout_keep16(row_key, j0, threshold);
+    for (int c = 0; c < kVecLen; ++c) {
+      const int j = j0 + c;
+      const uint64_t x = mix64(row_key + uint64_t(j / 2 + 1) * kGolden);
+      const uint32_t u = uint32_t(j % 2 ? x >> 32 : x);
+      ok = ok && (keep[c] != 0) == (u >= threshold);
+    }
+  }
+  std::printf("%-40s %s\n", "dropout keep mask vs scalar SplitMix64", ok ? "ok" : "FAILED");
+  failures += !ok;
+}
+
 int main() {
   test_flashmask_forward();
   test_rms_norm();
   test_swiglu();
-  std::printf("%d passed, %d failed\n", 3 - failures, failures);
+  test_dropout_hash();
+  std::printf("%d passed, %d failed\n", 4 - failures, failures);
   return failures ? 1 : 0;
 }
