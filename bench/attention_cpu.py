@@ -14,8 +14,8 @@ keep mask, what CUDA tensors get); plus the kernel at p = 0 for the cost of the 
     python bench/attention_cpu.py --quick          # small sizes, a few seconds
     python bench/attention_cpu.py --dropout-only   # only the dropout rows
 
-Peak memory is measured by the harness in a forked child that runs single-threaded (libgomp's
-thread pool does not survive fork), so it counts buffers, not per-thread scratch differences.
+Peak memory is measured in-process by the harness (VmHWM reset before the call), single-threaded,
+so it counts buffers, not per-thread scratch differences.
 """
 from __future__ import annotations
 
