@@ -75,9 +75,14 @@ def measure_peak_cpu_memory(fn: Callable[[], object]) -> float:
     high-water mark (VmHWM) to the current RSS when "5" is written to /proc/self/clear_refs, so the
     peak after fn minus the RSS before it is what fn added. (A forked child, the earlier way, can
     hang in the OpenMP runtime once the parent has run parallel torch ops.)"""
+    import ctypes
     import gc
 
     gc.collect()
+    try:  # hand the heap's free pages back first: reused pages would hide fn's allocations
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: measure as is
+        pass
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     base = current_rss_mib()

@@ -20,7 +20,6 @@ so it counts buffers, not per-thread scratch differences.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import random
 import sys
@@ -152,17 +151,6 @@ def make_dropout_runs(S: int, idx: torch.Tensor):
             "reference_dropout_old": reference_old, "reference_dropout_hash": reference_hash}
 
 
-def trimmed_peak_memory(fn) -> float:
-    """Peak extra memory of one single-threaded call, after handing the heap's free pages back to the
-    OS (glibc malloc_trim): otherwise buffers kept by the allocator from earlier calls absorb this
-    call's allocations and a kernel's tens of MiB read as 0 next to the reference's GiB."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: measure as is
-        pass
-    return _harness.measure_peak_cpu_memory(single_thread(fn))
-
-
 def bench_dropout_case(S: int, idx: torch.Tensor, repeats: int, memory: bool) -> list[dict]:
     rows = {}
     for name, fn in make_dropout_runs(S, idx).items():
@@ -171,7 +159,7 @@ def bench_dropout_case(S: int, idx: torch.Tensor, repeats: int, memory: bool) ->
         row = {"S": S, "mask": "share_prompt", "impl": name, "dropout_p": p,
                **_harness.measure(fn, warmup=1, repeats=n)}
         if memory:
-            row["peak_mem_mib"] = trimmed_peak_memory(fn)
+            row["peak_mem_mib"] = _harness.measure_peak_cpu_memory(single_thread(fn))
         rows[name] = row
     fm = rows["flashmask_dropout"]
     for other in ("reference_dropout_old", "reference_dropout_hash"):
