@@ -152,3 +152,30 @@ def test_pipeline_parallel_dpo_is_refused_with_the_reason(tmp_path, monkeypatch)
     cfg = load_config("examples/configs/dpo_tiny.yaml", ["pipeline_parallel_degree=2"])
     with pytest.raises(ConfigError, match="pipeline_parallel_degree=2 with stage: DPO is not supported"):
         DPOObjective.from_config(cfg).validate(cfg, None)
+
+
+def test_eval_cli_on_dpo_outputs(tmp_path, capsys):
+    """`python -m ernie_core.eval` with stage DPO: a LoRA output's eval loss (reference = its base,
+    adapters off) equals the trainer's final eval loss; a full output is scored against ref_model=
+    when given (equal to the trainer's eval) and reference-free otherwise (said in the line)."""
+    from ernie_core.eval import main as eval_main
+
+    model_dir, data = build_assets(tmp_path, n_pairs=24)
+    for mode in ("LoRA", "Full"):
+        out = tmp_path / mode
+        args = run_args(tmp_path, model_dir, data, f"fine_tuning={mode}", "max_steps=4", f"output_dir={out}",
+                        f"eval_dataset_path={data}", "do_eval=true", "evaluation_strategy=steps", "eval_steps=4",
+                        "save_strategy=no")
+        assert main(args) == 0
+        final = [r for r in read_log(out) if "eval_loss" in r][-1]["eval_loss"]
+        capsys.readouterr()
+        eval_args = [args[0]] + [a for a in args[1:] if not a.startswith("model_name_or_path=")]
+        extra = [f"ref_model={model_dir}"] if mode == "Full" else []
+        assert eval_main(eval_args + [f"model_name_or_path={out}"] + extra) == 0
+        got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert got["eval_loss"] == pytest.approx(final, rel=1e-5), mode
+        assert got["reference"] == ("adapters off" if mode == "LoRA" else str(model_dir))
+        assert 0.0 <= got["rewards/accuracy"] <= 1.0 and got["eval_pairs"] == 24
+    assert eval_main(eval_args + [f"model_name_or_path={tmp_path / 'Full'}"]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert got["reference"] == "none (reference_free)" and got["eval_loss"] != pytest.approx(final, rel=1e-6)
