@@ -32,12 +32,17 @@ def print_report(trainer, show: int = 8) -> dict:
     report: dict = {"steps": trainer.global_step}
     lines = ["", "=== ernie_core run summary ==="]
     lines.append(f"steps trained: {trainer.global_step}   model saved to: {trainer.output_dir}")
+    # Perplexity means something for a token NLL (SFT), not for a preference loss (DPO).
+    sft = str(cfg.basic.stage).upper() == "SFT"
+
+    def fmt(ev: dict) -> str:
+        return f"{ev['eval_loss']:.4f}" + (f" (ppl {ev['eval_ppl']:.2f})" if sft and "eval_ppl" in ev else "")
+
     if before and after:
-        lines.append(f"eval loss: {before['eval_loss']:.4f} (ppl {before['eval_ppl']:.2f}) before training -> "
-                     f"{after['eval_loss']:.4f} (ppl {after['eval_ppl']:.2f}) after")
+        lines.append(f"eval loss: {fmt(before)} before training -> {fmt(after)} after")
         report.update(eval_loss_before=before["eval_loss"], eval_loss_after=after["eval_loss"])
     elif after:
-        lines.append(f"eval loss after training: {after['eval_loss']:.4f} (ppl {after['eval_ppl']:.2f})")
+        lines.append(f"eval loss after training: {fmt(after)}")
         report.update(eval_loss_after=after["eval_loss"])
     rewards = _reward_accuracy(trainer.output_dir)
     if rewards:
