@@ -3,8 +3,11 @@
 Importing this module registers a kernel for each op whose `ernie_core_C::` schema has a CUDA
 impl in the built extension; it raises ImportError when the extension was built without CUDA, so
 the dispatcher treats the backend as absent. The wrappers take the backend kernel signatures of
-docs/dev/CONTRACTS.md. FlashMask attention's CUDA kernels are bf16 with D in {64, 128}; other
-inputs go to the Triton kernels, so choosing "cuda" never fails on a shape the op supports.
+docs/dev/CONTRACTS.md (the contracts declared next to each front door; tests/test_backend_conformance.py
+checks these wrappers without a CUDA build). FlashMask attention's CUDA kernels are bf16 with D in
+{64, 128}; other inputs go to the Triton kernels, so choosing "cuda" never fails on a shape the op
+supports. Attention dropout and dlse go to the raw ops' dropout_p / seed / offset / dlse arguments
+(the schema the CPU kernels share, python/ops.cpp).
 """
 from __future__ import annotations
 
@@ -55,20 +58,37 @@ def _triton(name):
     return _backend.kernel("flashmask_attention", "triton", name)
 
 
-def flashmask_fwd(q, k, v, idx, causal, scale):
+def _seed_offset(dropout_p, rng_state):
+    if not dropout_p:
+        return 0, 0
+    if rng_state is None or rng_state.dtype != torch.int64 or rng_state.numel() != 2:
+        raise ValueError("flashmask_attention: dropout_p > 0 needs rng_state, an int64 tensor (seed, offset)")
+    seed, offset = rng_state.tolist()  # int64 [2] on CPU (ops/reference.py, draw_dropout_rng_state)
+    return int(seed), int(offset)
+
+
+def flashmask_fwd(q, k, v, idx, causal, scale, dropout_p=0.0, rng_state=None):
+    """The contract's fwd and fwd_dropout: (out, lse). Shapes the CUDA kernels do not take run the
+    Triton kernels (which have dropout too, with the same keep mask)."""
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if not flashmask_cuda_supported(q):
-        return _triton("fwd")(q, k, v, idx, causal, scale)
+        return _triton("fwd_dropout" if dropout_p else "fwd")(q, k, v, idx, causal, scale, dropout_p, rng_state)
+    seed, offset = _seed_offset(dropout_p, rng_state)
     return torch.ops.ernie_core_C.flashmask_fwd(_aligned(q), _aligned(k), _aligned(v), _idx_arg(idx, q.device),
-                                                causal, scale)
+                                                causal, scale, float(dropout_p), seed, offset)
 
 
-def flashmask_bwd(dout, q, k, v, out, lse, idx, causal, scale):
+def flashmask_bwd(dout, q, k, v, out, lse, idx, causal, scale, dlse=None, dropout_p=0.0, rng_state=None):
+    """The contract's bwd and bwd_dropout: (dq, dk, dv); dlse = the gradient reaching lse (None = 0)."""
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if not flashmask_cuda_supported(q):
-        return _triton("bwd")(dout, q, k, v, out, lse, idx, causal, scale)
+        return _triton("bwd_dropout" if dropout_p else "bwd")(dout, q, k, v, out, lse, idx, causal, scale, dlse,
+                                                              dropout_p, rng_state)
+    seed, offset = _seed_offset(dropout_p, rng_state)
     return torch.ops.ernie_core_C.flashmask_bwd(_aligned(dout), _aligned(q), _aligned(k), _aligned(v), _aligned(out),
-                                                lse, _idx_arg(idx, q.device), causal, scale, None)
+                                                lse, _idx_arg(idx, q.device), causal, scale,
+                                                None if dlse is None else dlse.contiguous(), float(dropout_p), seed,
+                                                offset)
 
 
 def rope_fwd(x, position_ids, theta=500000.0, inverse=False):
@@ -77,13 +97,16 @@ def rope_fwd(x, position_ids, theta=500000.0, inverse=False):
     return torch.ops.ernie_core_C.rope(x, position_ids, inv_freq, inverse)
 
 
-def fused_head_ce_fwd_bwd(hidden, weight, labels, ignore_index=-100, chunk_tokens=0):
+def fused_head_ce_fwd_bwd(hidden, weight, labels, ignore_index=-100, chunk_tokens=0, grad_hidden=True,
+                          grad_weight=True):
     return tuple(torch.ops.ernie_core_C.fused_head_ce(hidden, weight, labels, ignore_index, chunk_tokens or 0,
-                                                      True, True))
+                                                      grad_hidden, grad_weight))
 
 
 _backend.register("flashmask_attention", "cuda", "fwd", flashmask_fwd)
 _backend.register("flashmask_attention", "cuda", "bwd", flashmask_bwd)
+_backend.register("flashmask_attention", "cuda", "fwd_dropout", flashmask_fwd)
+_backend.register("flashmask_attention", "cuda", "bwd_dropout", flashmask_bwd)
 if has_cuda_impl("rope"):
     _backend.register("rope", "cuda", "fwd", rope_fwd)
 if has_cuda_impl("fused_head_ce"):

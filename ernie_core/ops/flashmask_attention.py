@@ -6,15 +6,17 @@ formula). Each call picks a backend (`_backend.choose_backend`): the C++ CPU ker
 tensors where built, CUDA/Triton kernels for CUDA tensors once they register, else the reference.
 A backend registers `fwd(q, k, v, idx, causal, scale) -> (out, lse)` and
 `bwd(dout, q, k, v, out, lse, idx, causal, scale[, dlse=]) -> (dq, dk, dv)`, and optionally
-`supports(q, k, v) -> bool`.
+`supports(q, k, v) -> bool` (the declared contracts below, checked for every backend by
+tests/test_backend_conformance.py).
 
 Attention dropout (dropout_p > 0) is a separate capability: a backend that has it registers
 `fwd_dropout(q, k, v, idx, causal, scale, dropout_p, rng_state)` and `bwd_dropout(dout, q, k, v,
 out, lse, idx, causal, scale, dropout_p=, rng_state=[, dlse=])`. rng_state is int64 [2] (seed,
 offset) on CPU, drawn from the default CPU generator by the front door and saved for backward; the
 keep mask is a hash of (seed, offset, b, h, i, j) (reference.dropout_keep_mask), so backward
-regenerates it. The C++ CPU kernel has it; where no kernel does (CUDA/Triton today) the reference
-runs it, with a one-time warning.
+regenerates it. The C++ CPU kernel and the Triton kernels have it (the same mask bit for bit), and
+the CUDA backend passes it to its kernels; where no kernel does the reference runs it, with a
+one-time warning.
 """
 import math
 import warnings
@@ -43,8 +45,7 @@ def _choose(q, k, v, fn_name: str, dropout: bool) -> str:
         _WARNED_DROPOUT_FALLBACK.add(q.device.type)
         warnings.warn(
             f"flashmask_attention: dropout_p > 0 with {q.dtype} {q.device.type} tensors runs the pure-PyTorch "
-            "reference, because no attention kernel built here implements dropout for them (only the C++ CPU "
-            "kernel does): it materialises [B, H, S, S] probabilities, so time and memory grow as S^2. Set "
+            "reference, because no attention kernel built here implements dropout for them: it materialises [B, H, S, S] probabilities, so time and memory grow as S^2. Set "
             "attention_probs_dropout_prob=0 to use the kernels.", stacklevel=2)
     return backend
 
@@ -141,6 +142,49 @@ _backend.register(OP, "reference", "fwd_dropout", _reference_fwd)
 _backend.register(OP, "reference", "bwd_dropout", ref.flashmask_attention_backward_reference)
 
 
+# ---- the kernel contract: the calls above, one stub per function name (see _backend.declare) -----
+def _fwd_contract(q, k, v, startend_row_indices, causal, softmax_scale): ...
+
+
+def _bwd_contract(dout, q, k, v, out, lse, startend_row_indices, causal, softmax_scale, *, dlse=None): ...
+
+
+def _fwd_dropout_contract(q, k, v, startend_row_indices, causal, softmax_scale, dropout_p, rng_state): ...
+
+
+def _bwd_dropout_contract(dout, q, k, v, out, lse, startend_row_indices, causal, softmax_scale, *, dropout_p,
+                          rng_state, dlse=None): ...
+
+
+def _supports_contract(q, k, v): ...
+
+
+_backend.declare(OP, "fwd", _fwd_contract)
+_backend.declare(OP, "bwd", _bwd_contract)
+_backend.declare(OP, "fwd_dropout", _fwd_dropout_contract)
+_backend.declare(OP, "bwd_dropout", _bwd_dropout_contract)
+_backend.declare(OP, "supports", _supports_contract)
+
+
+def _example():
+    """Front door with autograd: GQA, two documents, a gradient on lse too (dlse), and dropout."""
+    g = torch.Generator().manual_seed(0)
+    B, S, Hq, Hkv, D = 2, 40, 4, 2, 32
+    q, k, v = (torch.randn(B, S, h, D, generator=g).requires_grad_() for h in (Hq, Hkv, Hkv))
+    idx = torch.full((B, 1, S, 1), S, dtype=torch.int32)
+    idx[:, :, :23] = 23  # columns of the first document are hidden from rows >= 23
+    w_out, w_lse = torch.randn(B, S, Hq, D, generator=g), torch.randn(B, Hq, S, generator=g)
+    out, lse = flashmask_attention_op(q, k, v, idx, True, 0.2)
+    grads = torch.autograd.grad((out * w_out).sum() + (lse * w_lse).sum(), (q, k, v))
+    out_d, lse_d = flashmask_attention_op(q, k, v, idx, True, 0.2, 0.25, torch.tensor([-(2**62) - 7, 123456789]))
+    grads_d = torch.autograd.grad((out_d * w_out).sum() + (lse_d * w_lse).sum(), (q, k, v))
+    return dict(out=out, lse=lse, dq=grads[0], dk=grads[1], dv=grads[2], out_dropout=out_d, lse_dropout=lse_d,
+                dq_dropout=grads_d[0], dk_dropout=grads_d[1], dv_dropout=grads_d[2])
+
+
+_backend.example(OP, _example)
+
+
 def flashmask_attention(q, k, v, startend_row_indices=None, causal=True, softmax_scale=None, dropout_p=0.0):
     """Attention with a FlashMask start/end-row-index mask; out [B, S, Hq, D] in the inputs' dtype.
 
@@ -152,8 +196,9 @@ def flashmask_attention(q, k, v, startend_row_indices=None, causal=True, softmax
     dtype; kernels accumulate in fp32 either way.
     dropout_p > 0: out = dropout(softmax(s)) v (training-time attention-probability dropout, kept
     entries scaled by 1/(1-p)); the keep mask's (seed, offset) come from torch's default CPU
-    generator at this call, so `torch.manual_seed` / `torch.set_rng_state` reproduce it. The CPU
-    kernel runs it in O(S) memory; elsewhere the reference does (materialises [S, S], warns once).
+    generator at this call, so `torch.manual_seed` / `torch.set_rng_state` reproduce it. The CPU,
+    Triton and CUDA kernels run it in O(S) memory; without them the reference does (materialises
+    [S, S], warns once).
     """
     q, k, v = _dtypes.matmul_inputs(q, k, v)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])

@@ -75,6 +75,33 @@ fused_head_ce_op.register_autograd(_backward, setup_context=_setup_context)
 _backend.register(OP, "reference", "fwd_bwd", ref.fused_head_ce_fwd_bwd_reference)
 
 
+def _fwd_bwd_contract(hidden, weight, labels, ignore_index, chunk_tokens, *, grad_hidden, grad_weight): ...
+
+
+def _supports_contract(hidden, weight): ...
+
+
+_backend.declare(OP, "fwd_bwd", _fwd_bwd_contract)
+_backend.declare(OP, "supports", _supports_contract)
+
+
+def _example():
+    """Three chunks (the last partial), ignored labels, and a frozen weight (grad_weight=False)."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 24, generator=g).requires_grad_()
+    w = (0.2 * torch.randn(300, 24, generator=g)).requires_grad_()
+    labels = torch.randint(0, 300, (37,), generator=g)
+    labels[::5] = -100
+    loss, n = fused_head_ce(h, w, labels, chunk_tokens=16)
+    dh, dw = torch.autograd.grad(loss * 0.5, (h, w))
+    loss_frozen, _ = fused_head_ce(h, w.detach(), labels, chunk_tokens=16)
+    (dh_frozen,) = torch.autograd.grad(loss_frozen, (h,))
+    return dict(loss=loss, n=n, dhidden=dh, dweight=dw, dhidden_frozen_weight=dh_frozen)
+
+
+_backend.example(OP, _example)
+
+
 def fused_head_ce(hidden, weight, labels, ignore_index=-100, chunk_tokens=None, sparse=False):
     """Sum of fp32 cross-entropy of (hidden @ weight.T) against labels, and the labelled-token count.
 

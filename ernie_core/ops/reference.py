@@ -82,6 +82,17 @@ def dropout_threshold(dropout_p: float) -> int:
     return min(int(dropout_p * 4294967296.0), 1 << 32)
 
 
+def dropout_head_keys(rng_state: torch.Tensor, B: int, H: int, device=None) -> torch.Tensor:
+    """int64 [B, H]: the per-(batch, query head) keys mix64(mix64(mix64(seed) ^ offset) ^ (b << 32 | h))
+    of the keep mask (uint64 bits). The Triton kernels take these from here and hash rows and columns
+    themselves (ops/triton/flashmask.py)."""
+    seed, offset = (int(x) for x in rng_state.reshape(-1).tolist())
+    seed_key = mix64(mix64(torch.tensor(seed, dtype=torch.int64, device=device)) ^ offset)
+    b = torch.arange(B, dtype=torch.int64, device=device).view(B, 1)
+    h = torch.arange(H, dtype=torch.int64, device=device).view(1, H)
+    return mix64(seed_key ^ ((b << 32) | h))
+
+
 def dropout_keep_mask(rng_state: torch.Tensor, B: int, H: int, S: int, dropout_p: float, device=None,
                       chunk_elems: int = 1 << 22) -> torch.Tensor:
     """bool [B, H, S, S] indexed [b, query head, row i, column j]: True = probability kept.
@@ -93,12 +104,8 @@ def dropout_keep_mask(rng_state: torch.Tensor, B: int, H: int, S: int, dropout_p
       keep = u >= floor(p * 2^32).
     Rows are hashed in chunks of about chunk_elems entries, so int64 temporaries stay small.
     """
-    seed, offset = (int(x) for x in rng_state.reshape(-1).tolist())
     t = dropout_threshold(dropout_p)
-    seed_key = mix64(mix64(torch.tensor(seed, dtype=torch.int64, device=device)) ^ offset)
-    b = torch.arange(B, dtype=torch.int64, device=device).view(B, 1, 1)
-    h = torch.arange(H, dtype=torch.int64, device=device).view(1, H, 1)
-    head = mix64(seed_key ^ ((b << 32) | h))  # [B, H, 1]
+    head = dropout_head_keys(rng_state, B, H, device).unsqueeze(-1)  # [B, H, 1]
     rows = mix64(head ^ torch.arange(S, dtype=torch.int64, device=device).view(1, 1, S))  # [B, H, S]
     j = torch.arange(S, dtype=torch.int64, device=device)
     pair = ((j >> 1) + 1) * _i64(_GOLDEN)

@@ -62,6 +62,32 @@ _backend.register(OP, "reference", "fwd", _reference_fwd)
 _backend.register(OP, "reference", "bwd", ref.rms_norm_backward_reference)
 
 
+def _fwd_contract(x, weight, eps): ...
+
+
+def _bwd_contract(dy, x, weight, rstd): ...
+
+
+def _supports_contract(x, weight): ...
+
+
+_backend.declare(OP, "fwd", _fwd_contract)
+_backend.declare(OP, "bwd", _bwd_contract)
+_backend.declare(OP, "supports", _supports_contract)
+
+
+def _example():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 48, generator=g).requires_grad_()
+    w = (1 + 0.1 * torch.randn(48, generator=g)).requires_grad_()
+    y, _ = rms_norm_op(x, w, 1e-6)
+    dx, dw = torch.autograd.grad((y * torch.randn(y.shape, generator=g)).sum(), (x, w))
+    return dict(y=y, dx=dx, dw=dw)
+
+
+_backend.example(OP, _example)
+
+
 def rms_norm(x, weight, eps=1e-5):
     """x [..., H], weight [H] -> y [..., H] in promote(x, weight) dtype (x's when they agree).
     Dtypes are kept under autocast (statistics are fp32 inside)."""

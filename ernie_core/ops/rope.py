@@ -69,6 +69,33 @@ def _reference_fwd(x, position_ids, theta, inverse=False):
 _backend.register(OP, "reference", "fwd", _reference_fwd)
 
 
+def _fwd_contract(x, position_ids, theta, *, inverse): ...
+
+
+def _fwd_qk_contract(q, k, position_ids, theta, *, inverse): ...
+
+
+def _supports_contract(q, k): ...
+
+
+_backend.declare(OP, "fwd", _fwd_contract)
+_backend.declare(OP, "fwd_qk", _fwd_qk_contract)
+_backend.declare(OP, "supports", _supports_contract)
+
+
+def _example():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 7, 4, 16, generator=g).requires_grad_(), torch.randn(2, 7, 2, 16, generator=g).requires_grad_()
+    pos = torch.randint(0, 4096, (2, 7), generator=g)
+    rq, rk = rope_op(q, k, pos, 10000.0)
+    w_q, w_k = torch.randn(rq.shape, generator=g), torch.randn(rk.shape, generator=g)
+    dq, dk = torch.autograd.grad((rq * w_q).sum() + (rk * w_k).sum(), (q, k))
+    return dict(q=rq, k=rk, dq=dq, dk=dk)
+
+
+_backend.example(OP, _example)
+
+
 def rope(q, k, position_ids=None, theta=500000.0):
     """Rotated (q, k): q [B, S, Hq, D], k [B, S, Hkv, D], position_ids int [B, S] (None: 0..S-1).
     Each output keeps its input's dtype, autocast or not (the math is fp32 inside)."""

@@ -55,6 +55,31 @@ _backend.register(OP, "reference", "fwd", _reference_fwd)
 _backend.register(OP, "reference", "bwd", ref.swiglu_backward_reference)
 
 
+def _fwd_contract(gate, up): ...
+
+
+def _bwd_contract(dy, gate, up): ...
+
+
+def _supports_contract(gate, up): ...
+
+
+_backend.declare(OP, "fwd", _fwd_contract)
+_backend.declare(OP, "bwd", _bwd_contract)
+_backend.declare(OP, "supports", _supports_contract)
+
+
+def _example():
+    g = torch.Generator().manual_seed(0)
+    gate, up = (torch.randn(5, 77, generator=g).mul(3).requires_grad_() for _ in range(2))
+    y = swiglu_op(gate, up)
+    dg, du = torch.autograd.grad((y * torch.randn(y.shape, generator=g)).sum(), (gate, up))
+    return dict(y=y, dgate=dg, dup=du)
+
+
+_backend.example(OP, _example)
+
+
 def swiglu(gate, up):
     """silu(gate) * up, same shape; inputs are cast to their common dtype (autocast or not)."""
     gate, up = _dtypes.common_inputs(gate, up)

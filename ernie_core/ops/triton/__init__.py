@@ -15,6 +15,9 @@ from .pointwise import rms_norm_bwd, rms_norm_fwd, rope_fwd, swiglu_bwd, swiglu_
 
 _backend.register("flashmask_attention", "triton", "fwd", flashmask_fwd)
 _backend.register("flashmask_attention", "triton", "bwd", flashmask_bwd)
+# Attention dropout: the same kernels with the keep mask hashed inside (bit-identical to the CPU kernel's).
+_backend.register("flashmask_attention", "triton", "fwd_dropout", flashmask_fwd)
+_backend.register("flashmask_attention", "triton", "bwd_dropout", flashmask_bwd)
 _backend.register("rope", "triton", "fwd", rope_fwd)
 _backend.register("rms_norm", "triton", "fwd", rms_norm_fwd)
 _backend.register("rms_norm", "triton", "bwd", rms_norm_bwd)

@@ -20,8 +20,8 @@ from . import head_ce, pointwise
 _PTR_TYPES = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "spans_ptr": "*i32", "kinds_ptr": "*i8",
               "cols_ptr": "*i32", "ncols_ptr": "*i32", "rows_ptr": "*i32", "nrows_ptr": "*i32",
               "rstd_ptr": "*fp32", "dw_part_ptr": "*fp32", "inv_freq_ptr": "*fp32", "pos_ptr": "*i64",
-              "labels_ptr": "*i64", "loss_ptr": "*fp32"}
-_FLOAT_ARGS = {"qk_scale", "sm_scale", "eps", "sign"}
+              "labels_ptr": "*i64", "loss_ptr": "*fp32", "drop_ptr": "*i64"}
+_FLOAT_ARGS = {"qk_scale", "sm_scale", "eps", "sign", "rescale"}
 
 
 @dataclass
@@ -48,7 +48,8 @@ class KernelSpec:
 
 
 def kernel_specs() -> list[KernelSpec]:
-    attn = dict(D=128, BLOCK_D=128)
+    attn = dict(D=128, BLOCK_D=128, DROPOUT=False)
+    drop = dict(D=128, BLOCK_D=128, DROPOUT=True)
     fwd = dict(BLOCK_M=fm.FWD_CONFIG["block_m"], BLOCK_N=fm.FWD_CONFIG["block_n"])
     bwd = dict(BLOCK_M=fm.BWD_CONFIG["block_m"], BLOCK_N=fm.BWD_CONFIG["block_n"])
     fwd_opt = dict(num_warps=fm.FWD_CONFIG["num_warps"], num_stages=fm.FWD_CONFIG["num_stages"])
@@ -68,6 +69,13 @@ def kernel_specs() -> list[KernelSpec]:
                    options=bwd_opt, expect_wgmma=True),
         KernelSpec("flashmask_bwd_dq_bf16", fm._bwd_dq_kernel, {**attn, **bwd, "PREC": "tf32"}, options=bwd_opt,
                    expect_wgmma=True),
+        # Attention dropout: the keep-mask hash (uint64 multiplies) in each kernel; the dots stay wgmma.
+        KernelSpec("flashmask_fwd_dropout_bf16", fm._fwd_kernel, {**drop, **fwd, "PREC": "tf32"}, options=fwd_opt,
+                   expect_wgmma=True),
+        KernelSpec("flashmask_bwd_dkdv_dropout_bf16", fm._bwd_dkdv_kernel, {**drop, **bwd, "PREC": "tf32"},
+                   options=bwd_opt, expect_wgmma=True),
+        KernelSpec("flashmask_bwd_dq_dropout_bf16", fm._bwd_dq_kernel, {**drop, **bwd, "PREC": "tf32"},
+                   options=bwd_opt, expect_wgmma=True),
         KernelSpec("rope_bf16", pointwise._rope_kernel, dict(HALF_D=64, BLOCK_H=16, BLOCK_HALF=64)),
         KernelSpec("rms_norm_fwd_bf16", pointwise._rms_fwd_kernel, dict(BLOCK=1024), options=dict(num_warps=4)),
         KernelSpec("rms_norm_bwd_bf16", pointwise._rms_bwd_kernel, dict(BLOCK=1024), options=dict(num_warps=4)),

@@ -61,9 +61,11 @@ def ce_rows_(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> t
     return loss
 
 
-def fused_head_ce_fwd_bwd(hidden, weight, labels, ignore_index=-100, chunk_tokens=0):
+def fused_head_ce_fwd_bwd(hidden, weight, labels, ignore_index=-100, chunk_tokens=0, grad_hidden=True,
+                          grad_weight=True):
     """hidden [N, H], weight [V, H], labels [N] -> (loss_sum fp32 [], n_tokens int64 [], dhidden, dweight);
-    the gradients are those of loss_sum (upstream gradient 1.0)."""
+    the gradients are those of loss_sum (upstream gradient 1.0); one not asked for (grad_hidden /
+    grad_weight False) is not computed and comes back as an empty tensor."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1] or labels.shape != hidden.shape[:1]:
         raise ValueError(f"fused_head_ce: hidden {tuple(hidden.shape)} must be [N, H], weight {tuple(weight.shape)} "
                          f"[V, H], labels {tuple(labels.shape)} [N]")
@@ -77,15 +79,19 @@ def fused_head_ce_fwd_bwd(hidden, weight, labels, ignore_index=-100, chunk_token
                          f"and is not ignore_index ({ignore_index})")
     chunk = chunk_tokens if chunk_tokens and chunk_tokens > 0 else default_chunk_tokens(V, hidden.element_size())
     chunk = max(1, min(chunk, max(N, 1)))
-    dhidden = torch.empty_like(hidden)
+    dhidden = torch.empty_like(hidden) if grad_hidden else hidden.new_empty(0)
     # fp32 accumulator: summing many chunks' bf16 dW updates in bf16 would lose the small ones.
-    dweight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
+    dweight = (torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if grad_weight
+               else weight.new_empty(0))
     loss_sum = torch.zeros((), device=hidden.device, dtype=torch.float32)
     for s in range(0, N, chunk):
         h = hidden[s:s + chunk]
         logits = h @ weight.t()  # [c, V] in the input dtype, fp32 accumulation inside the GEMM
         loss_sum += ce_rows_(logits, labels[s:s + chunk], ignore_index).sum()
-        torch.matmul(logits, weight, out=dhidden[s:s + chunk])
+        if grad_hidden:
+            torch.matmul(logits, weight, out=dhidden[s:s + chunk])
+        if not grad_weight:
+            continue
         if weight.dtype == torch.float32:
             dweight.addmm_(logits.t(), h)
         else:  # each chunk's product rounds once to bf16 (as the naive dW does); the running sum stays fp32
