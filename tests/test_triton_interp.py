@@ -62,9 +62,18 @@ ATTN_CASES = {
     "attn_causal_doc_bf16": ("causal_doc", True, 1, 48, 2, 1, 1, 64, "bfloat16"),
     "attn_share_prompt_bf16": ("share_prompt", True, 1, 40, 4, 2, 1, 32, "bfloat16"),
 }
+# Attention dropout (same cases, a dropout rate; the reference applies the same keep mask).
+DROPOUT_CASES = {
+    "attn_dropout_causal_doc_fp32_gqa": ("attn_causal_doc_fp32_gqa", 0.3),
+    "attn_dropout_share_prompt_fp32": ("attn_share_prompt_fp32", 0.6),
+    "attn_dropout_random4_fp32": ("attn_random4_fp32", 0.5),
+    "attn_dropout_causal_doc_bf16": ("attn_causal_doc_bf16", 0.1),
+}
 
 
-def case_attention(name):
+def case_attention(name, dropout_p=0.0):
+    """Forward (out, lse) and backward vs autograd through the fp64 reference; the backward gets a
+    gradient on lse too (dlse), and dropout_p > 0 uses the reference's keep mask of one rng_state."""
     import torch
 
     from ernie_core.ops.reference import flashmask_attention_reference
@@ -78,9 +87,11 @@ def case_attention(name):
     v = torch.randn(B, S, Hkv, D, generator=gen).to(dtype)
     idx = None if mode is None else _mask_indices(mode, B, S, Hm, gen)
     scale = 0.3 if mode == "random4" else None
+    rng = torch.tensor([-(2**63) + 977, 2**40 + 3])  # seed with the top bit set: uint64 hashing
     qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
-    ref, ref_lse = flashmask_attention_reference(qr, kr, vr, idx, causal, scale, return_lse=True)
-    out, lse = flashmask_fwd(q, k, v, idx, causal, scale, config=SMALL_TILES)
+    ref, ref_lse = flashmask_attention_reference(qr, kr, vr, idx, causal, scale, dropout_p, return_lse=True,
+                                                 rng_state=rng)
+    out, lse = flashmask_fwd(q, k, v, idx, causal, scale, dropout_p, rng, config=SMALL_TILES)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     _close("out", out, ref, tol)
     if not torch.equal(torch.isinf(lse), torch.isinf(ref_lse)):
@@ -88,8 +99,10 @@ def case_attention(name):
     fin = torch.isfinite(ref_lse)
     _close("lse", lse[fin], ref_lse[fin].float(), 1e-5 if dtype == torch.float32 else 1e-2)
     dout = torch.randn(out.shape, generator=gen).to(dtype)
-    gq, gk, gv = torch.autograd.grad(ref, (qr, kr, vr), dout.double())
-    dq, dk, dv = flashmask_bwd(dout, q, k, v, out, lse, idx, causal, scale, config=SMALL_TILES)
+    dlse = torch.randn(lse.shape, generator=gen) * fin  # rows that attend nothing have no lse gradient
+    objective = (ref * dout.double()).sum() + (torch.where(fin, ref_lse, 0.0) * dlse.double()).sum()
+    gq, gk, gv = torch.autograd.grad(objective, (qr, kr, vr))
+    dq, dk, dv = flashmask_bwd(dout, q, k, v, out, lse, idx, causal, scale, dlse, dropout_p, rng, config=SMALL_TILES)
     for n_, x, r in (("dq", dq, gq), ("dk", dk, gk), ("dv", dv, gv)):
         _close(n_, x, r, 1e-4 if dtype == torch.float32 else 4e-2)
     return f"S={S} tiles 16x16"
@@ -179,7 +192,79 @@ def case_head_ce(dt):
     _close("dweight", dw, rw, tol)
 
 
+def case_dropout_keep_mask(S, D, Hq, Hkv, tiles):
+    """The keep mask read back out of each Triton kernel equals reference.dropout_keep_mask and the C++
+    CPU kernel's mask, bit for bit. With q = 0 (or k = 0) every score is 0, so P = 1/S on a full mask;
+    one-hot rows of v, k, q and dO then expose Z[b, h, i, j] directly:
+      forward      out[b, i, h, j] = r/S Z_ij                    (v_j = e_j)
+      dK/dV kernel dv[b, j, h, i] = r/S Z_ij                     (dO_i = e_i, one kv head per q head)
+                   dk[b, j, h, i] = scale/S (r Z_ij - delta_i)   (q_i = e_i, dO = 1)
+      dQ kernel    dq[b, i, h, j] = scale/S (r Z_ij - delta_i)   (k_j = e_j, dO = 1)
+    with r = 1/(1-p) and delta_i = sum_d O_id (dO = 1)."""
+    import torch
+
+    from ernie_core.ops import reference as ref
+    from ernie_core.ops.flashmask_attention import default_indices
+    from ernie_core.ops.triton.flashmask import flashmask_bwd, flashmask_fwd
+
+    B, p = 2, 0.5
+    r = 1.0 / (1.0 - p)
+    cfg = dict(block_m=tiles[0], block_n=tiles[1], num_warps=1, num_stages=1)
+    eye = torch.eye(S, D)  # row j = e_j
+
+    def onehot(h):
+        return eye.view(1, S, 1, D).expand(B, S, h, D).contiguous()
+
+    def zeros(h):
+        return torch.zeros(B, S, h, D)
+
+    def as_bhij(t):  # [B, S(i), H, D(j)] -> [B, H, i, j]
+        return t.permute(0, 2, 1, 3)[..., :S]
+
+    idx = default_indices(torch.zeros(B, S, 1, 1), causal=False)
+    for rng in (torch.tensor([-(2**63) + 12345, 2**40 + 7]), torch.tensor([7, -3])):
+        want = ref.dropout_keep_mask(rng, B, Hq, S, p)
+        got = {}
+        out, lse = flashmask_fwd(zeros(Hq), zeros(Hkv), onehot(Hkv), idx, False, 1.0, p, rng, config=cfg)
+        got["forward"] = as_bhij(out) > r / (2 * S)
+        delta = out.sum(-1).transpose(1, 2).unsqueeze(-1)  # [B, H, i, 1] (dO = 1)
+        ones = torch.ones(B, S, Hq, D)
+        dq, _, _ = flashmask_bwd(ones, zeros(Hq), onehot(Hkv), onehot(Hkv), out, lse, idx, False, 1.0, None, p, rng,
+                                 config=cfg)
+        got["dq kernel"] = as_bhij(dq) > (r / 2 - delta) / S
+        if Hq == Hkv:
+            _, _, dv = flashmask_bwd(onehot(Hq), zeros(Hq), zeros(Hkv), onehot(Hkv), out, lse, idx, False, 1.0, None,
+                                     p, rng, config=cfg)
+            got["dkdv kernel (dv)"] = as_bhij(dv).transpose(-1, -2) > r / (2 * S)
+            out2, lse2 = flashmask_fwd(onehot(Hq), zeros(Hkv), onehot(Hkv), idx, False, 1.0, p, rng, config=cfg)
+            delta2 = out2.sum(-1).transpose(1, 2).unsqueeze(-2)  # [B, H, 1, i]
+            _, dk, _ = flashmask_bwd(ones, onehot(Hq), zeros(Hkv), onehot(Hkv), out2, lse2, idx, False, 1.0, None, p,
+                                     rng, config=cfg)
+            got["dkdv kernel (dk)"] = (as_bhij(dk) > (r / 2 - delta2) / S).transpose(-1, -2)
+        try:
+            import ernie_core._C  # noqa: F401
+        except ImportError:
+            raise AssertionError("ernie_core._C is not built: no CPU kernel mask to compare with") from None
+        seed, offset = (int(x) for x in rng.tolist())
+        cpu_out, _ = torch.ops.ernie_core_C.flashmask_fwd(zeros(Hq), zeros(Hkv), onehot(Hkv), idx, False, 1.0, p,
+                                                          seed, offset)
+        got["cpu kernel"] = as_bhij(cpu_out) > r / (2 * S)
+        for what, keep in got.items():
+            bad = keep != want
+            if bad.any():
+                raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} keep flags differ from the reference "
+                                     f"hash (seed {rng.tolist()}), first at {bad.nonzero()[0].tolist()}")
+        frac = float(want.float().mean())
+        if abs(frac - (1 - p)) > 0.05:
+            raise AssertionError(f"keep fraction {frac} for p={p}")
+    return f"{len(got)} masks x 2 seeds bit-equal, {B}x{Hq}x{S}x{S}"
+
+
 CASES = {name: (case_attention, (name,)) for name in ATTN_CASES}
+for _name, (_base, _p) in DROPOUT_CASES.items():
+    CASES[_name] = (case_attention, (_base, _p))
+CASES["dropout_keep_mask_bits"] = (case_dropout_keep_mask, (80, 80, 2, 2, (32, 32)))
+CASES["dropout_keep_mask_bits_gqa"] = (case_dropout_keep_mask, (64, 64, 4, 2, (32, 16)))
 for _dt in ("float32", "bfloat16"):
     CASES[f"rope_{_dt}"] = (case_rope, (_dt,))
     CASES[f"rms_norm_{_dt}"] = (case_rms_norm, (_dt,))
