@@ -123,6 +123,11 @@ def case_rope(dt):
                rope_reference_one(x, pos, 500000.0, inverse), 1e-6 if dtype == torch.float32 else 8e-3)
     xt = x.transpose(1, 2).contiguous().transpose(1, 2)  # non-contiguous [B, S, H, D]
     _close("rope strided", rope_fwd(xt, pos, 1e4), rope_reference_one(xt, pos, 1e4), 1e-6 if dt == "float32" else 8e-3)
+    # Several programs of 8 tokens, the last one partial, and a partial head block (5 of 8).
+    x = torch.randn(3, 50, 5, 64, generator=gen).to(dtype)
+    pos = torch.randint(0, 32768, (3, 50), generator=gen)
+    _close("rope multi-program", rope_fwd(x, pos, 500000.0), rope_reference_one(x, pos, 500000.0),
+           1e-6 if dtype == torch.float32 else 8e-3)
 
 
 def case_rms_norm(dt):
@@ -133,8 +138,13 @@ def case_rms_norm(dt):
 
     dtype = getattr(torch, dt)
     gen = torch.Generator().manual_seed(2)
-    x = torch.randn(3, 7, 48, generator=gen).to(dtype)
-    w = (1 + 0.1 * torch.randn(48, generator=gen)).to(dtype)
+    for shape in ((3, 7, 48), (5, 37, 200)):  # one program; 12 programs of 16 rows, the last partial
+        _rms_case(torch, dtype, gen, shape, rms_norm_reference, rms_norm_fwd, rms_norm_bwd)
+
+
+def _rms_case(torch, dtype, gen, shape, rms_norm_reference, rms_norm_fwd, rms_norm_bwd):
+    x = torch.randn(*shape, generator=gen).to(dtype)
+    w = (1 + 0.1 * torch.randn(shape[-1], generator=gen)).to(dtype)
     xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
     ref = rms_norm_reference(xr, wr, 1e-6)
     y, rstd = rms_norm_fwd(x, w, 1e-6)

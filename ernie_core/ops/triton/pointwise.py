@@ -10,22 +10,24 @@ import triton.language as tl
 # ---- RoPE (interleaved pairs (2i, 2i+1), angle pos * theta^(-2i/D)) -----------------------------
 
 @triton.jit
-def _rope_kernel(x_ptr, y_ptr, pos_ptr, inv_freq_ptr, sxb, sxs, sxh, syb, sys, syh, spb, sps, S, H, sign,
-                 HALF_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
-    row = tl.program_id(0)  # one (batch, position) per program, all heads
-    b, s = row // S, row % S
+def _rope_kernel(x_ptr, y_ptr, pos_ptr, inv_freq_ptr, sxb, sxs, sxh, syb, sys, syh, spb, sps, S, H, n_tok, sign,
+                 HALF_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    # BLOCK_T (batch, position) tokens per program, BLOCK_H heads; the angles once per token.
+    tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tok_ok = tok < n_tok
+    b, s = tok // S, tok % S
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_i = tl.arange(0, BLOCK_HALF)
-    ok = (offs_h[:, None] < H) & (offs_i[None, :] < HALF_D)
-    pos = tl.load(pos_ptr + b * spb + s * sps).to(tl.float32)
+    pos = tl.load(pos_ptr + b * spb + s * sps, mask=tok_ok, other=0).to(tl.float32)
     inv_freq = tl.load(inv_freq_ptr + offs_i, mask=offs_i < HALF_D, other=0.0)
     # The same fp32 product as the reference, so the angle (up to 32K rad) is bit-identical.
-    angle = pos * inv_freq
-    c, sn = tl.cos(angle)[None, :], (tl.sin(angle) * sign)[None, :]
-    src = x_ptr + b * sxb + s * sxs + offs_h[:, None] * sxh + 2 * offs_i[None, :]
+    angle = pos[:, None] * inv_freq[None, :]  # [T, HALF]
+    c, sn = tl.cos(angle)[:, None, :], (tl.sin(angle) * sign)[:, None, :]
+    ok = tok_ok[:, None, None] & (offs_h[None, :, None] < H) & (offs_i[None, None, :] < HALF_D)
+    src = (x_ptr + (b * sxb + s * sxs)[:, None, None] + offs_h[None, :, None] * sxh + 2 * offs_i[None, None, :])
     x1 = tl.load(src, mask=ok, other=0.0).to(tl.float32)
     x2 = tl.load(src + 1, mask=ok, other=0.0).to(tl.float32)
-    dst = y_ptr + b * syb + s * sys + offs_h[:, None] * syh + 2 * offs_i[None, :]
+    dst = (y_ptr + (b * syb + s * sys)[:, None, None] + offs_h[None, :, None] * syh + 2 * offs_i[None, None, :])
     tl.store(dst, (x1 * c - x2 * sn).to(y_ptr.dtype.element_ty), mask=ok)
     tl.store(dst + 1, (x1 * sn + x2 * c).to(y_ptr.dtype.element_ty), mask=ok)
 
@@ -33,6 +35,11 @@ def _rope_kernel(x_ptr, y_ptr, pos_ptr, inv_freq_ptr, sxb, sxs, sxh, syb, sys, s
 def rope_inv_freq(dim: int, theta: float, device) -> torch.Tensor:
     # Same expression as reference.rope_angles, so the frequencies match bit for bit.
     return 1.0 / (theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
+
+
+def rope_tokens_per_program(block_h: int, block_half: int) -> int:
+    """Tokens per program: about 2K rotated pairs each (1 token of 16 heads x 64 pairs at D = 128)."""
+    return max(1, min(64, 2048 // (block_h * block_half)))
 
 
 def rope_fwd(x, position_ids, theta=500000.0, inverse=False):
@@ -47,49 +54,63 @@ def rope_fwd(x, position_ids, theta=500000.0, inverse=False):
         return y
     inv_freq = rope_inv_freq(D, theta, x.device)
     block_h = min(16, triton.next_power_of_2(H))
-    _rope_kernel[(B * S, triton.cdiv(H, block_h))](
+    block_half = triton.next_power_of_2(D // 2)
+    block_t = rope_tokens_per_program(block_h, block_half)
+    _rope_kernel[(triton.cdiv(B * S, block_t), triton.cdiv(H, block_h))](
         x, y, position_ids, inv_freq, x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
-        position_ids.stride(0), position_ids.stride(1), S, H, -1.0 if inverse else 1.0,
-        HALF_D=D // 2, BLOCK_H=block_h, BLOCK_HALF=triton.next_power_of_2(D // 2), num_warps=4)
+        position_ids.stride(0), position_ids.stride(1), S, H, B * S, -1.0 if inverse else 1.0,
+        HALF_D=D // 2, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=4)
     return y
 
 
 # ---- RMSNorm -------------------------------------------------------------------------------------
 
 @triton.jit
-def _rms_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, sx, sy, N, eps, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+def _rms_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, sx, sy, M, N, eps, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
+    # BLOCK_R rows per program (several short rows share a program; one long row has it alone).
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs = tl.arange(0, BLOCK)
-    ok = offs < N
-    x = tl.load(x_ptr + row * sx + offs, mask=ok, other=0.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / N + eps)
+    ok = (rows[:, None] < M) & (offs[None, :] < N)
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * sx + offs[None, :], mask=ok, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, 1) / N + eps)
     # Round the normalised value to x's dtype before the weight, as the HF Ernie 4.5 module does.
-    xhat = (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row * sy + offs, (xhat * w).to(y_ptr.dtype.element_ty), mask=ok)
-    tl.store(rstd_ptr + row, rstd)
+    xhat = (x * rstd[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=offs < N, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows[:, None].to(tl.int64) * sy + offs[None, :], (xhat * w[None, :]).to(y_ptr.dtype.element_ty),
+             mask=ok)
+    tl.store(rstd_ptr + rows, rstd, mask=rows < M)
 
 
 @triton.jit
 def _rms_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_part_ptr, sdy, sx, sdx, M, N, rows_per_prog,
-                    BLOCK: tl.constexpr):
-    # Each program owns a contiguous run of rows and keeps its dW partial sum in registers (fp32);
-    # the partials are summed by the wrapper, so no atomics and a deterministic dW.
+                    BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
+    # Each program owns a contiguous run of rows, BLOCK_R at a time, and keeps its dW partial sum in
+    # registers (fp32); the partials are summed by the wrapper, so no atomics and a deterministic dW.
     pid = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
-    ok = offs < N
-    w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    col_ok = offs < N
+    w = tl.load(w_ptr + offs, mask=col_ok, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK], tl.float32)
-    for r in range(pid * rows_per_prog, tl.minimum((pid + 1) * rows_per_prog, M)):
-        x = tl.load(x_ptr + r * sx + offs, mask=ok, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + r * sdy + offs, mask=ok, other=0.0).to(tl.float32)
-        rstd = tl.load(rstd_ptr + r)
-        xhat = x * rstd
-        dw += dy * xhat.to(x_ptr.dtype.element_ty).to(tl.float32)
-        g = dy * w
-        dx = rstd * (g - xhat * (tl.sum(g * xhat, 0) / N))
-        tl.store(dx_ptr + r * sdx + offs, dx.to(dx_ptr.dtype.element_ty), mask=ok)
-    tl.store(dw_part_ptr + pid * N + offs, dw, mask=ok)
+    end = tl.minimum((pid + 1) * rows_per_prog, M)
+    for r0 in range(pid * rows_per_prog, end, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        row_ok = rows < end
+        ok = row_ok[:, None] & col_ok[None, :]
+        r64 = rows[:, None].to(tl.int64)
+        x = tl.load(x_ptr + r64 * sx + offs[None, :], mask=ok, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + r64 * sdy + offs[None, :], mask=ok, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+        xhat = x * rstd[:, None]
+        dw += tl.sum(dy * xhat.to(x_ptr.dtype.element_ty).to(tl.float32), 0)
+        g = dy * w[None, :]
+        dx = rstd[:, None] * (g - xhat * (tl.sum(g * xhat, 1) / N)[:, None])
+        tl.store(dx_ptr + r64 * sdx + offs[None, :], dx.to(dx_ptr.dtype.element_ty), mask=ok)
+    tl.store(dw_part_ptr + pid * N + offs, dw, mask=col_ok)
+
+
+def rms_rows_per_block(block: int) -> int:
+    """Rows a program handles at once: about 4K elements (one row alone from hidden size 4096 up)."""
+    return max(1, min(64, 4096 // block))
 
 
 def _rows(t, n):
@@ -111,8 +132,10 @@ def rms_norm_fwd(x, w, eps):
     rstd = torch.empty(x2.shape[0], device=x.device, dtype=torch.float32)
     if x2.shape[0]:
         block = triton.next_power_of_2(N)
-        _rms_fwd_kernel[(x2.shape[0],)](x2, w.contiguous(), y, rstd, x2.stride(0), y.stride(0), N, float(eps),
-                                        BLOCK=block, num_warps=min(16, max(1, block // 256)))
+        block_r = rms_rows_per_block(block)
+        _rms_fwd_kernel[(triton.cdiv(x2.shape[0], block_r),)](
+            x2, w.contiguous(), y, rstd, x2.stride(0), y.stride(0), x2.shape[0], N, float(eps),
+            BLOCK_R=block_r, BLOCK=block, num_warps=min(16, max(1, block_r * block // 256)))
     return y.view(x.shape), rstd.view(x.shape[:-1])
 
 
@@ -131,9 +154,10 @@ def rms_norm_bwd(dy, x, w, rstd, *, n_programs=None):
     n_programs = triton.cdiv(M, rows_per)
     dw_part = torch.empty((n_programs, N), device=x.device, dtype=torch.float32)
     block = triton.next_power_of_2(N)
+    block_r = min(rms_rows_per_block(block), triton.next_power_of_2(rows_per))
     _rms_bwd_kernel[(n_programs,)](dy2, x2, w.contiguous(), rstd.reshape(-1).float().contiguous(), dx, dw_part,
                                    dy2.stride(0), x2.stride(0), dx.stride(0), M, N, rows_per,
-                                   BLOCK=block, num_warps=min(16, max(1, block // 256)))
+                                   BLOCK_R=block_r, BLOCK=block, num_warps=min(16, max(1, block_r * block // 256)))
     return dx.view(x.shape), dw_part.sum(0).to(w.dtype)
 
 
