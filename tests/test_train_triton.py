@@ -43,20 +43,21 @@ EXPECTED = {
 }
 
 
-def tiny_model_dir(tmp: Path) -> Path:
-    """examples/tiny_model with 2 layers (random init: continue_training=false)."""
-    out = tmp / "tiny2"
+def tiny_model_dir(tmp: Path, name: str = "tiny2", **overrides) -> Path:
+    """examples/tiny_model with 2 layers (random init: continue_training=false), plus `overrides`
+    of its config.json (e.g. head_dim=64 for the CUDA attention kernels)."""
+    out = tmp / name
     shutil.copytree(EXAMPLES / "tiny_model", out)
     cfg = json.loads((out / "config.json").read_text())
-    cfg["num_hidden_layers"] = 2
+    cfg.update(num_hidden_layers=2, **overrides)
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
     return out
 
 
-def run_args(mode: str, model: Path, out: Path) -> list[str]:
+def run_args(mode: str, model: Path, out: Path, compute_type: str = "fp32") -> list[str]:
     common = [f"output_dir={out}", f"model_name_or_path={model}", f"max_steps={STEPS}", "logging_steps=1",
               "do_eval=false", "save_strategy=no", "disable_tqdm=true", "per_device_train_batch_size=1",
-              "fuse_rope=true", "compute_type=fp32", "eval_generate_samples=0", "warmup_steps=1"]
+              "fuse_rope=true", f"compute_type={compute_type}", "eval_generate_samples=0", "warmup_steps=1"]
     if mode in ("sft_full", "sft_lora"):
         args = [str(EXAMPLES / "configs/sft_tiny.yaml"), *common, "max_seq_len=64", "num_samples_each_epoch=200",
                 f"train_dataset_path={EXAMPLES / 'data/sft-train.jsonl'},{EXAMPLES / 'data/alpaca-train.json'}",
@@ -72,31 +73,41 @@ def run_args(mode: str, model: Path, out: Path) -> list[str]:
 
 # ---- the child ------------------------------------------------------------------------------------
 
-def _count_kernel_calls():
-    """Wrap every registered kernel of every backend: counts[(op, backend, fn_name)] += 1 per call."""
+def count_kernel_calls():
+    """Wrap every registered kernel of every backend: counts[(op, backend, fn_name)] += 1 per call.
+    Returns (counts, undo) where undo() puts the original kernels back."""
     from ernie_core import ops  # noqa: F401
     from ernie_core.ops import _backend
 
     counts = collections.Counter()
-    for key, fn in list(_backend.registered().items()):
-        if key[2] == "supports":
-            continue
+    originals = {k: f for k, f in _backend.registered().items() if k[2] != "supports"}
+    for key, fn in originals.items():
 
         def counted(*args, _fn=fn, _key=key, **kwargs):
             counts[_key] += 1
             return _fn(*args, **kwargs)
 
         _backend._REGISTRY[key] = counted
-    return counts
+    return counts, lambda: _backend._REGISTRY.update(originals)
+
+
+def train_and_count(counts, args) -> dict:
+    """Run the trainer CLI once; its logged steps, losses and grad norms, and the kernel calls."""
+    from ernie_core.train.cli import main
+    from ernie_core.train.loggers import read_log
+
+    counts.clear()
+    rc = main(args)
+    out = Path(args[[a.startswith("output_dir=") for a in args].index(True)].split("=", 1)[1])
+    rows = [r for r in read_log(out) if "loss" in r and "step" in r] if rc == 0 else []
+    return {"rc": rc, "steps": [r["step"] for r in rows], "loss": [r["loss"] for r in rows],
+            "grad_norm": [r.get("grad_norm") for r in rows], "calls": {"|".join(k): n for k, n in sorted(counts.items())}}
 
 
 def _worker(out_path: str) -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1", "set TRITON_INTERPRET=1 before Triton is imported"
     sys.path.insert(0, str(ROOT))
-    from ernie_core.train.cli import main
-    from ernie_core.train.loggers import read_log
-
-    counts = _count_kernel_calls()
+    counts, _ = count_kernel_calls()
     tmp = Path(tempfile.mkdtemp(prefix="train_triton_"))
     model = tiny_model_dir(tmp)
     results = {}
@@ -105,15 +116,7 @@ def _worker(out_path: str) -> None:
             results[mode] = {}
             for backend in ("cpu", "triton"):
                 os.environ["ERNIE_CORE_BACKEND"] = backend
-                counts.clear()
-                out = tmp / f"{mode}_{backend}"
-                rc = main(run_args(mode, model, out))
-                rows = [r for r in read_log(out) if "loss" in r and "step" in r]
-                results[mode][backend] = {
-                    "rc": rc, "steps": [r["step"] for r in rows], "loss": [r["loss"] for r in rows],
-                    "grad_norm": [r.get("grad_norm") for r in rows],
-                    "calls": {"|".join(k): n for k, n in sorted(counts.items())},
-                }
+                results[mode][backend] = train_and_count(counts, run_args(mode, model, tmp / f"{mode}_{backend}"))
     finally:
         os.environ.pop("ERNIE_CORE_BACKEND", None)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -140,29 +143,39 @@ def runs(tmp_path_factory):
     return json.loads(out.read_text())
 
 
+def assert_same_run(got: dict, want: dict, kind: str, dtype: torch.dtype, what: str) -> None:
+    """Per step, loss and grad norm within tests/_tolerances.py's (kind, dtype) row."""
+    from _tolerances import tol
+
+    assert got["rc"] == 0 and want["rc"] == 0, f"{what}: exit codes {got['rc']}, {want['rc']}"
+    assert got["steps"] == want["steps"] == list(range(1, STEPS + 1)), (got["steps"], want["steps"])
+    atol, rtol = tol(kind, dtype)
+    for key in ("loss", "grad_norm"):
+        for step, (a, b) in enumerate(zip(got[key], want[key]), 1):
+            assert a is not None and b is not None, f"{what}: {key} missing at step {step}"
+            assert abs(a - b) <= atol + rtol * abs(b), f"{what}: step {step} {key}: {a!r} vs {b!r}"
+
+
+def assert_took_every_kernel(run: dict, backend: str, expected: set, accept=()) -> None:
+    """Every expected (op, fn_name) ran on `backend` (or one of `accept`), and nothing else ran."""
+    calls = {tuple(k.split("|")): n for k, n in run["calls"].items()}
+    ok = {backend, *accept}
+    elsewhere = {k: n for k, n in calls.items() if k[1] not in ok}
+    assert not elsewhere, f"kernels of other backends ran with ERNIE_CORE_BACKEND={backend}: {elsewhere}"
+    missing = {f"{op}.{fn}" for op, fn in expected if not any(calls.get((op, b, fn)) for b in ok)}
+    assert not missing, f"{backend} kernels never called: {sorted(missing)}; calls: {calls}"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", list(EXPECTED))
 def test_triton_training_matches_cpu(runs, mode):
-    from _tolerances import tol
-
-    cpu, tri = runs[mode]["cpu"], runs[mode]["triton"]
-    assert cpu["rc"] == 0 and tri["rc"] == 0, (cpu["rc"], tri["rc"])
-    assert tri["steps"] == cpu["steps"] == list(range(1, STEPS + 1)), (tri["steps"], cpu["steps"])
-    atol, rtol = tol("reduction", torch.float32)
-    for key in ("loss", "grad_norm"):
-        for step, (a, b) in enumerate(zip(tri[key], cpu[key]), 1):
-            assert a is not None and b is not None, f"{key} missing at step {step}"
-            assert abs(a - b) <= atol + rtol * abs(b), f"step {step} {key}: triton {a!r} vs cpu {b!r}"
+    assert_same_run(runs[mode]["triton"], runs[mode]["cpu"], "reduction", torch.float32, f"{mode} triton vs cpu")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", list(EXPECTED))
 def test_triton_training_takes_every_triton_kernel(runs, mode):
-    calls = {tuple(k.split("|")): n for k, n in runs[mode]["triton"]["calls"].items()}
-    elsewhere = {k: n for k, n in calls.items() if k[1] != "triton"}
-    assert not elsewhere, f"kernels of other backends ran with ERNIE_CORE_BACKEND=triton: {elsewhere}"
-    missing = {f"{op}.{fn}" for op, fn in EXPECTED[mode] if not calls.get((op, "triton", fn))}
-    assert not missing, f"triton kernels never called: {sorted(missing)}; calls: {calls}"
+    assert_took_every_kernel(runs[mode]["triton"], "triton", EXPECTED[mode])
     # The cpu run is what we compare with: it must really have run the C++ kernels.
     cpu_calls = {tuple(k.split("|")) for k in runs[mode]["cpu"]["calls"]}
     assert all(b == "cpu" for _, b, _ in cpu_calls), f"cpu run used other backends: {sorted(cpu_calls)}"

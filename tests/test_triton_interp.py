@@ -203,71 +203,46 @@ def case_head_ce(dt):
 
 
 def case_dropout_keep_mask(S, D, Hq, Hkv, tiles):
-    """The keep mask read back out of each Triton kernel equals reference.dropout_keep_mask and the C++
-    CPU kernel's mask, bit for bit. With q = 0 (or k = 0) every score is 0, so P = 1/S on a full mask;
-    one-hot rows of v, k, q and dO then expose Z[b, h, i, j] directly:
-      forward      out[b, i, h, j] = r/S Z_ij                    (v_j = e_j)
-      dK/dV kernel dv[b, j, h, i] = r/S Z_ij                     (dO_i = e_i, one kv head per q head)
-                   dk[b, j, h, i] = scale/S (r Z_ij - delta_i)   (q_i = e_i, dO = 1)
-      dQ kernel    dq[b, i, h, j] = scale/S (r Z_ij - delta_i)   (k_j = e_j, dO = 1)
-    with r = 1/(1-p) and delta_i = sum_d O_id (dO = 1)."""
+    """The keep mask read back out of the forward, dK/dV and dQ kernels (tests/_dropout_probe.py)
+    equals reference.dropout_keep_mask and the C++ CPU kernel's mask, bit for bit, for two seeds
+    (one with the top bit set: the uint64 hashing)."""
+    import functools
+
     import torch
 
+    from _dropout_probe import extract_keep_masks, mismatches
     from ernie_core.ops import reference as ref
-    from ernie_core.ops.flashmask_attention import default_indices
     from ernie_core.ops.triton.flashmask import flashmask_bwd, flashmask_fwd
 
+    try:
+        import ernie_core._C  # noqa: F401
+    except ImportError:
+        raise AssertionError("ernie_core._C is not built: no CPU kernel mask to compare with") from None
     B, p = 2, 0.5
-    r = 1.0 / (1.0 - p)
     cfg = dict(block_m=tiles[0], block_n=tiles[1], num_warps=1, num_stages=1)
-    eye = torch.eye(S, D)  # row j = e_j
+    fwd, bwd = functools.partial(flashmask_fwd, config=cfg), functools.partial(flashmask_bwd, config=cfg)
 
-    def onehot(h):
-        return eye.view(1, S, 1, D).expand(B, S, h, D).contiguous()
+    def cpu_fwd(q, k, v, idx, causal, scale, dropout_p, rng):
+        return torch.ops.ernie_core_C.flashmask_fwd(q, k, v, idx, causal, scale, dropout_p, *map(int, rng.tolist()))
 
-    def zeros(h):
-        return torch.zeros(B, S, h, D)
+    def cpu_bwd(dout, q, k, v, out, lse, idx, causal, scale, dropout_p, rng_state):
+        return torch.ops.ernie_core_C.flashmask_bwd(dout, q, k, v, out, lse, idx, causal, scale, None, dropout_p,
+                                                    *map(int, rng_state.tolist()))
 
-    def as_bhij(t):  # [B, S(i), H, D(j)] -> [B, H, i, j]
-        return t.permute(0, 2, 1, 3)[..., :S]
-
-    idx = default_indices(torch.zeros(B, S, 1, 1), causal=False)
+    problems, n = [], 0
     for rng in (torch.tensor([-(2**63) + 12345, 2**40 + 7]), torch.tensor([7, -3])):
         want = ref.dropout_keep_mask(rng, B, Hq, S, p)
-        got = {}
-        out, lse = flashmask_fwd(zeros(Hq), zeros(Hkv), onehot(Hkv), idx, False, 1.0, p, rng, config=cfg)
-        got["forward"] = as_bhij(out) > r / (2 * S)
-        delta = out.sum(-1).transpose(1, 2).unsqueeze(-1)  # [B, H, i, 1] (dO = 1)
-        ones = torch.ones(B, S, Hq, D)
-        dq, _, _ = flashmask_bwd(ones, zeros(Hq), onehot(Hkv), onehot(Hkv), out, lse, idx, False, 1.0, None, p, rng,
-                                 config=cfg)
-        got["dq kernel"] = as_bhij(dq) > (r / 2 - delta) / S
-        if Hq == Hkv:
-            _, _, dv = flashmask_bwd(onehot(Hq), zeros(Hq), zeros(Hkv), onehot(Hkv), out, lse, idx, False, 1.0, None,
-                                     p, rng, config=cfg)
-            got["dkdv kernel (dv)"] = as_bhij(dv).transpose(-1, -2) > r / (2 * S)
-            out2, lse2 = flashmask_fwd(onehot(Hq), zeros(Hkv), onehot(Hkv), idx, False, 1.0, p, rng, config=cfg)
-            delta2 = out2.sum(-1).transpose(1, 2).unsqueeze(-2)  # [B, H, 1, i]
-            _, dk, _ = flashmask_bwd(ones, onehot(Hq), zeros(Hkv), onehot(Hkv), out2, lse2, idx, False, 1.0, None, p,
-                                     rng, config=cfg)
-            got["dkdv kernel (dk)"] = (as_bhij(dk) > (r / 2 - delta2) / S).transpose(-1, -2)
-        try:
-            import ernie_core._C  # noqa: F401
-        except ImportError:
-            raise AssertionError("ernie_core._C is not built: no CPU kernel mask to compare with") from None
-        seed, offset = (int(x) for x in rng.tolist())
-        cpu_out, _ = torch.ops.ernie_core_C.flashmask_fwd(zeros(Hq), zeros(Hkv), onehot(Hkv), idx, False, 1.0, p,
-                                                          seed, offset)
-        got["cpu kernel"] = as_bhij(cpu_out) > r / (2 * S)
-        for what, keep in got.items():
-            bad = keep != want
-            if bad.any():
-                raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} keep flags differ from the reference "
-                                     f"hash (seed {rng.tolist()}), first at {bad.nonzero()[0].tolist()}")
+        shape = dict(B=B, S=S, D=D, Hq=Hq, Hkv=Hkv, p=p, rng=rng)
+        got = extract_keep_masks(fwd, bwd, **shape)
+        problems += mismatches(got, want, "triton ")
+        problems += mismatches({"forward": extract_keep_masks(cpu_fwd, cpu_bwd, **shape)["forward"]}, want, "cpu ")
+        n = len(got)
         frac = float(want.float().mean())
         if abs(frac - (1 - p)) > 0.05:
-            raise AssertionError(f"keep fraction {frac} for p={p}")
-    return f"{len(got)} masks x 2 seeds bit-equal, {B}x{Hq}x{S}x{S}"
+            problems.append(f"keep fraction {frac} for p={p}")
+    if problems:
+        raise AssertionError("; ".join(problems))
+    return f"{n} triton paths + the cpu kernel x 2 seeds bit-equal, {B}x{Hq}x{S}x{S}"
 
 
 CASES = {name: (case_attention, (name,)) for name in ATTN_CASES}

@@ -63,29 +63,6 @@ def test_flashmask_attention(backend, dt, mode, causal, S, D, Hm):
         _close(name, x, r, GRAD_TOL[dtype])
 
 
-def test_flashmask_dropout_on_cuda_runs_the_reference_with_the_cpu_kernels_mask(monkeypatch):
-    """No CUDA/Triton kernel has attention dropout yet: the op runs the reference on the GPU (warned
-    once) with the CPU kernel's counter-based keep mask, so the two devices agree for one rng_state."""
-    import importlib
-
-    fm = importlib.import_module("ernie_core.ops.flashmask_attention")
-    monkeypatch.delenv("ERNIE_CORE_BACKEND", raising=False)
-    monkeypatch.setattr(fm, "_WARNED_DROPOUT_FALLBACK", set())
-    gen = torch.Generator().manual_seed(0)
-    B, S, Hq, Hkv, D = 2, 300, 4, 2, 64
-    q, k, v, dout = (torch.randn(B, S, h, D, generator=gen) for h in (Hq, Hkv, Hkv, Hq))
-    idx, rng = fm.default_indices(q, True), torch.tensor([123, 456])
-    gpu = [t.cuda().requires_grad_() for t in (q, k, v)]
-    with pytest.warns(UserWarning, match="reference"):
-        out, _ = fm.flashmask_attention_op(*gpu, idx.cuda(), True, 0.125, 0.2, rng)
-    grads = torch.autograd.grad(out, gpu, dout.cuda())
-    cpu = [t.clone().requires_grad_() for t in (q, k, v)]
-    want, _ = fm.flashmask_attention_op(*cpu, idx, True, 0.125, 0.2, rng)
-    want_grads = torch.autograd.grad(want, cpu, dout)
-    for what, x, r in zip(("out", "dq", "dk", "dv"), (out, *grads), (want, *want_grads)):
-        _close(what, x.cpu(), r, 1e-4)
-
-
 @pytest.mark.parametrize("dt", list(DTYPES))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rope(backend, dt):
