@@ -34,7 +34,7 @@ def parse_args(argv=None):
     ap.add_argument("--kv-heads", type=int, default=2, help="key/value heads (ERNIE 4.5 0.3B: 2)")
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--docs", type=int, default=8, help="documents per row for causal_doc")
-    ap.add_argument("--impls", nargs="+", default=["cuda", "triton", "sdpa", "flex"])
+    ap.add_argument("--impls", nargs="+", default=["cuda", "triton", "sdpa", "flex", "cuda_dropout", "triton_dropout"])
     ap.add_argument("--sdpa-mask-max-s", type=int, default=8192,
                     help="longest S at which SDPA runs with a dense mask (it materialises [S, S])")
     ap.add_argument("--peak-tflops", type=float, default=989.0)
@@ -99,26 +99,34 @@ def _flex_fn(idx, causal, S, device):
     return run
 
 
+DROPOUT_P = 0.1  # the ERNIEKit 0.3B DPO config's attention_probs_dropout_prob
+
+
 def make_impl(name, idx, causal, S, device, sdpa_mask_max_s=8192):
-    """fn(q, k, v) -> out with autograd, or None when the implementation is missing here."""
-    if name in ("cuda", "triton"):
+    """fn(q, k, v) -> out with autograd, or None when the implementation is missing here.
+    "<backend>_dropout": the same kernels with attention dropout p = 0.1 (in-kernel keep mask)."""
+    base = name[:-len("_dropout")] if name.endswith("_dropout") else name
+    if base in ("cuda", "triton"):
         from ernie_core.ops import _backend
 
-        if not _backend.has_kernel("flashmask_attention", name):
+        dropout = base != name
+        fwd_name, bwd_name = ("fwd_dropout", "bwd_dropout") if dropout else ("fwd", "bwd")
+        if not _backend.has_kernel("flashmask_attention", base, fwd_name):
             return None
-        fwd, bwd = _backend.kernel("flashmask_attention", name, "fwd"), _backend.kernel("flashmask_attention", name, "bwd")
+        fwd, bwd = (_backend.kernel("flashmask_attention", base, n) for n in (fwd_name, bwd_name))
+        extra = dict(dropout_p=DROPOUT_P, rng_state=torch.tensor([1234, 5678])) if dropout else {}
 
         class Fn(torch.autograd.Function):
             @staticmethod
             def forward(ctx, q, k, v):
-                out, lse = fwd(q, k, v, idx, causal, None)
+                out, lse = fwd(q, k, v, idx, causal, q.shape[-1] ** -0.5, *extra.values())
                 ctx.save_for_backward(q, k, v, out, lse)
                 return out
 
             @staticmethod
             def backward(ctx, dout):
                 q, k, v, out, lse = ctx.saved_tensors
-                return bwd(dout, q, k, v, out, lse, idx, causal, None)
+                return bwd(dout, q, k, v, out, lse, idx, causal, q.shape[-1] ** -0.5, **extra)
 
         return Fn.apply
     if name == "sdpa":
