@@ -97,9 +97,16 @@ SEQ="8192 32768"; [ -n "${GPU_CHECK_QUICK:-}" ] && SEQ="8192"
 step bench_attention 150 "$PY" bench/attention_gpu.py --seqlens $SEQ --json "$RESULTS/attention.json"
 step bench_head_ce 60 "$PY" bench/head_ce_gpu.py --json "$RESULTS/head_ce.json"
 
-wait "$CONF_PID"
-rc=$?
-if (( rc == 124 || rc == 137 )); then STATUS[conformance]="timeout after 120s"; else STATUS[conformance]=$rc; fi
+while kill -0 "$CONF_PID" 2> /dev/null && (( $(date +%s) - T0 < BUDGET - 15 )); do sleep 1; done
+if kill -0 "$CONF_PID" 2> /dev/null; then  # past the budget: stop it (timeout's child goes with it)
+  kill -TERM "$CONF_PID" 2> /dev/null
+  STATUS[conformance]="stopped: budget spent"
+  wait "$CONF_PID" 2> /dev/null
+else
+  wait "$CONF_PID"
+  rc=$?
+  if (( rc == 124 || rc == 137 )); then STATUS[conformance]="timeout after 120s"; else STATUS[conformance]=$rc; fi
+fi
 SECONDS_TAKEN[conformance]=$(( $(date +%s) - CONF_START ))
 log "conformance -> ${STATUS[conformance]}"
 tail -n 5 "$RESULTS/conformance.log"
