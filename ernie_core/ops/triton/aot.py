@@ -54,6 +54,7 @@ def kernel_specs() -> list[KernelSpec]:
     bwd = dict(BLOCK_M=fm.BWD_CONFIG["block_m"], BLOCK_N=fm.BWD_CONFIG["block_n"])
     fwd_opt = dict(num_warps=fm.FWD_CONFIG["num_warps"], num_stages=fm.FWD_CONFIG["num_stages"])
     bwd_opt = dict(num_warps=fm.BWD_CONFIG["num_warps"], num_stages=fm.BWD_CONFIG["num_stages"])
+    bwd_drop_opt = {**bwd_opt, "num_warps": fm.BWD_DROPOUT_OVERRIDE.get("num_warps", bwd_opt["num_warps"])}
     specs = [
         KernelSpec("flashmask_fwd_bf16", fm._fwd_kernel, {**attn, **fwd, "PREC": "tf32"}, options=fwd_opt,
                    expect_wgmma=True),
@@ -73,9 +74,9 @@ def kernel_specs() -> list[KernelSpec]:
         KernelSpec("flashmask_fwd_dropout_bf16", fm._fwd_kernel, {**drop, **fwd, "PREC": "tf32"}, options=fwd_opt,
                    expect_wgmma=True),
         KernelSpec("flashmask_bwd_dkdv_dropout_bf16", fm._bwd_dkdv_kernel, {**drop, **bwd, "PREC": "tf32"},
-                   options=bwd_opt, expect_wgmma=True),
+                   options=bwd_drop_opt, expect_wgmma=True),
         KernelSpec("flashmask_bwd_dq_dropout_bf16", fm._bwd_dq_kernel, {**drop, **bwd, "PREC": "tf32"},
-                   options=bwd_opt, expect_wgmma=True),
+                   options=bwd_drop_opt, expect_wgmma=True),
         KernelSpec("rope_bf16", pointwise._rope_kernel,
                    dict(HALF_D=64, BLOCK_T=pointwise.rope_tokens_per_program(16, 64), BLOCK_H=16, BLOCK_HALF=64)),
         KernelSpec("rms_norm_fwd_bf16", pointwise._rms_fwd_kernel,
@@ -95,12 +96,37 @@ def compile_spec(spec: KernelSpec, arch: int = 90):
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(spec.options))
 
 
+def ptxas_report(kernel, arch: str = "sm_90a") -> dict:
+    """Registers and spill bytes of a compiled kernel, from `ptxas -v` (the ptxas in Triton's wheel)
+    run on its PTX: {"registers": int, "spill_stores": int, "spill_loads": int}."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(int(re.sub(r"\D", "", arch))).path
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(kernel.asm["ptx"])
+        proc = subprocess.run([ptxas, f"-arch={arch}", "-v", path, "-o", os.devnull], capture_output=True, text=True)
+    text = " ".join(proc.stderr.split())
+    regs = re.search(r"Used (\d+) registers", text)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    if proc.returncode or not regs or not spills:
+        raise RuntimeError(f"ptxas -v failed ({proc.returncode}): {proc.stderr[-500:]}")
+    return {"registers": int(regs.group(1)), "spill_stores": int(spills.group(1)), "spill_loads": int(spills.group(2))}
+
+
 def main() -> None:  # python -m ernie_core.ops.triton.aot : a table of what compiles
     for spec in kernel_specs():
         k = compile_spec(spec)
         ptx = k.asm["ptx"]
-        print(f"{spec.name:28s} cubin {len(k.asm['cubin']):7d} B  shared {k.metadata.shared:6d} B  "
-              f"wgmma {ptx.count('wgmma.mma_async')}")
+        rep = ptxas_report(k)
+        print(f"{spec.name:34s} cubin {len(k.asm['cubin']):7d} B  shared {k.metadata.shared:6d} B  "
+              f"wgmma {ptx.count('wgmma.mma_async'):3d}  regs {rep['registers']:3d}  spill {rep['spill_stores']:4d} B")
 
 
 if __name__ == "__main__":

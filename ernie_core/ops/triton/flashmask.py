@@ -179,15 +179,15 @@ def _bwd_dkdv_kernel(
             pt = tl.exp2(st - lse2[None, :])
             if kind == _PARTIAL:
                 pt = tl.where(tl.trans(_element_mask(spans, s_pad, rows, cols)), 0.0, pt)
-            dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
             if DROPOUT:
                 # O = (r Z P) V: dV = (Z P)^T dO (r applied once, below), dP = r Z (dO V^T); delta
                 # = rowsum(dO O) already includes the dropout.
                 keep_t = _keep(_row_keys(drop_ptr, b * Hq + h, rows)[None, :], cols[:, None], threshold)
                 dv += tl.dot(tl.where(keep_t, pt, 0.0).to(do.dtype), do, input_precision=PREC)
-                dpt = tl.where(keep_t, dpt * rescale, 0.0)
+                dpt = tl.where(keep_t, tl.dot(v, tl.trans(do), input_precision=PREC) * rescale, 0.0)
             else:
                 dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
+                dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
             dst = pt * (dpt - delta[None, :])
             dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
     dk = dk * sm_scale
@@ -258,6 +258,9 @@ def _bwd_dq_kernel(
 # Tile sizes per head dim on Hopper; tests pass smaller ones to exercise many tiles at small S.
 FWD_CONFIG = dict(block_m=128, block_n=64, num_warps=8, num_stages=3)
 BWD_CONFIG = dict(block_m=64, block_n=64, num_warps=4, num_stages=2)
+# With dropout the keep-mask hash (uint64 math on every tile element) needs more registers: at 4
+# warps ptxas spills ~680 bytes per thread in the bf16 D=128 dK/dV kernel, at 8 warps ~80.
+BWD_DROPOUT_OVERRIDE = dict(num_warps=8)
 
 
 # fp32 tiles take twice the shared memory and ieee dots run on CUDA cores: smaller and shallower.
@@ -338,7 +341,8 @@ def flashmask_bwd(dout, q, k, v, out, lse, idx, causal, scale, dlse=None, dropou
     """(dq, dk, dv) in the dtypes and shapes of q, k, v. dlse [B, Hq, S]: the gradient reaching the
     forward's lse output (None = 0); dropout_p / rng_state: the forward's."""
     _check(q, k, v)
-    cfg = _config(q, BWD_CONFIG, BWD_CONFIG_FP32, config)
+    base = {**BWD_CONFIG, **BWD_DROPOUT_OVERRIDE} if dropout_p else BWD_CONFIG
+    cfg = _config(q, base, BWD_CONFIG_FP32, config)
     q, k, v, dout = _last_contig(q), _last_contig(k), _last_contig(v), _last_contig(dout)
     B, S, Hq, D = q.shape
     Hkv = k.shape[2]
