@@ -542,12 +542,13 @@ def test_dropout_on_cpu_runs_the_kernel(monkeypatch):
 
 
 def test_dropout_without_a_kernel_uses_the_reference_and_warns_once(monkeypatch):
-    """Where the tensors' backend has no dropout kernel (CUDA/Triton today; here: the cpu one removed),
+    """Where the tensors' backend has no dropout kernel (here: the cpu and triton ones removed),
     dropout runs the reference with the same mask, and says once why it is slow."""
-    ops._backend.has_kernel(OP, "cpu")  # load the backend before editing its registrations
+    ops._backend.registered()  # load the backends before editing their registrations
     monkeypatch.delenv("ERNIE_CORE_BACKEND", raising=False)
-    for fn in ("fwd_dropout", "bwd_dropout"):
-        monkeypatch.delitem(ops._backend._REGISTRY, (OP, "cpu", fn), raising=False)
+    for backend in ("cpu", "triton"):
+        for fn in ("fwd_dropout", "bwd_dropout"):
+            monkeypatch.delitem(ops._backend._REGISTRY, (OP, backend, fn), raising=False)
     monkeypatch.setattr(fm, "_WARNED_DROPOUT_FALLBACK", set())
     q, k, v = inputs(1, 70, 4, 2, 64)
     idx, _ = grid_mask("documents", 70, 1)
