@@ -107,6 +107,11 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const FlashMaskParams 
   // Each thread holds 2 rows (the middle mode of the C layout); a row is spread over a lane quad.
   float m_row[2] = {-INFINITY, -INFINITY}, l_row[2] = {0.f, 0.f};
   const float scale_log2 = p.scale * 1.4426950408889634f;
+  uint64_t row_key[2] = {0, 0};  // dropout keep-mask keys of this thread's two rows
+  if (p.drop_on) {
+    const uint64_t head_key = ernie_common::dropout_head_key(p.drop_seed_key, b, h);
+    for (int r = 0; r < 2; ++r) row_key[r] = ernie_common::dropout_row_key(head_key, r0 + get<0>(tScS(2 * r)));
+  }
 
   for (int t = 0; t < n_live; ++t) {
     const int stage = t & 1;
@@ -153,12 +158,19 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const FlashMaskParams 
       l_row[r] *= alpha[r];
     }
     Tensor rP = make_tensor<Elem>(tSrS.layout());
+    const int c0 = live[t] * kBN;
     CUTE_UNROLL
-    for (int i = 0; i < size(tSrS); ++i) {
+    for (int i = 0; i < size(tSrS); i += 2) {  // (i, i + 1): columns (2m, 2m + 1) of one row
       const int slot = (i / 2) % 2;
-      const float pv = exp2f(tSrS(i) - m_safe[slot]);
-      l_row[slot] += pv;  // this thread's share; the quad sum happens once at the end
-      rP(i) = Elem(pv);
+      const float p0 = exp2f(tSrS(i) - m_safe[slot]), p1 = exp2f(tSrS(i + 1) - m_safe[slot]);
+      l_row[slot] += p0 + p1;  // this thread's share; the quad sum happens once at the end
+      bool keep0 = true, keep1 = true;
+      if (p.drop_on) {  // one hash per column pair; lse keeps the undropped probabilities
+        const uint64_t x = ernie_common::dropout_pair_bits(row_key[slot], c0 + get<1>(tScS(i)));
+        keep0 = uint32_t(x) >= p.drop_threshold, keep1 = uint32_t(x >> 32) >= p.drop_threshold;
+      }
+      rP(i) = Elem(keep0 ? p0 : 0.f);
+      rP(i + 1) = Elem(keep1 ? p1 : 0.f);
     }
     CUTE_UNROLL
     for (int i = 0; i < size(tOrO); ++i) tOrO(i) *= alpha[(i / 2) % 2];
@@ -180,7 +192,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const FlashMaskParams 
   CUTE_UNROLL
   for (int r = 0; r < 2; ++r) {
     l_row[r] = warp_sum_quad(l_row[r]);
-    inv_l[r] = l_row[r] > 0.f ? 1.f / l_row[r] : 0.f;  // fully masked rows: out 0, lse -inf
+    inv_l[r] = l_row[r] > 0.f ? p.drop_rescale / l_row[r] : 0.f;  // fully masked rows: out 0, lse -inf
   }
   Elem* out = static_cast<Elem*>(p.out) + b * p.o_stride[0] + h * p.o_stride[2];
   CUTE_UNROLL

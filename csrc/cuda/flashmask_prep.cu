@@ -1,5 +1,7 @@
 // FlashMask workspace: per-column masked spans and their per-64-column min/max table, plus the
 // entry points that pick a kernel per architecture.
+#include <cuda_bf16.h>
+
 #include "common.cuh"
 #include "flashmask_mask.cuh"
 
@@ -52,7 +54,44 @@ __global__ void table_kernel(FlashMaskParams p, int hm_count) {
   for (int i = 0; i < 8; ++i) p.table[t * 8 + i] = v[i];
 }
 
+// One warp per (batch, head, row): delta [B, Hq, S] fp32 = sum_d dO O - dlse. The dlse term is the
+// gradient through lse (d lse_i / d s_ij = P_ij folds into the softmax Jacobian's row term); with
+// dropout O already holds the dropped, rescaled probabilities, so delta needs no mask.
+__global__ void delta_kernel(const FlashMaskParams p) {
+  const int64_t r = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (r >= int64_t(p.B) * p.Hq * p.S) return;
+  const int s = int(r % p.S), h = int(r / p.S % p.Hq), b = int(r / p.S / p.Hq);
+  const __nv_bfloat16* dout =
+      static_cast<const __nv_bfloat16*>(p.dout) + b * p.do_stride[0] + s * p.do_stride[1] + h * p.do_stride[2];
+  const __nv_bfloat16* out =
+      static_cast<const __nv_bfloat16*>(p.out) + b * p.o_stride[0] + s * p.o_stride[1] + h * p.o_stride[2];
+  float acc = 0.f;
+  for (int d = threadIdx.x % 32; d < p.D; d += 32) acc += __bfloat162float(dout[d]) * __bfloat162float(out[d]);
+  for (int o = 16; o > 0; o /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+  if (threadIdx.x % 32 == 0) p.delta[r] = acc - (p.dlse != nullptr ? p.dlse[r] : 0.f);
+}
+
 }  // namespace
+
+cudaError_t flashmask_delta(const FlashMaskParams& p, cudaStream_t stream) {
+  const int64_t rows = int64_t(p.B) * p.Hq * p.S;
+  delta_kernel<<<unsigned((rows + 3) / 4), 128, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+void flashmask_set_dropout(FlashMaskParams& p) {
+  p.drop_on = p.dropout_p > 0.0;
+  p.drop_threshold = p.drop_on ? ernie_common::dropout_threshold(p.dropout_p) : 0u;
+  p.drop_rescale = p.drop_on ? ernie_common::dropout_rescale(p.dropout_p) : 1.0f;
+  p.drop_seed_key = ernie_common::dropout_seed_key(p.seed, p.offset);
+}
+
+// The Hopper backward (D = 128) accumulates dQ in fp32 with atomics across key blocks.
+static bool use_bwd_sm90(const FlashMaskParams& p) { return p.sm_major == 9 && p.D == 128; }
+
+int64_t flashmask_bwd_accum_elems(const FlashMaskParams& p) {
+  return use_bwd_sm90(p) ? int64_t(p.B) * p.Hq * p.S * p.D : 0;
+}
 
 void flashmask_workspace_sizes(const FlashMaskParams& p, int64_t* spans_elems, int64_t* table_elems) {
   const int64_t s_pad = cdiv(p.S, kSpanPad) * kSpanPad;
@@ -64,6 +103,7 @@ void flashmask_workspace_sizes(const FlashMaskParams& p, int64_t* spans_elems, i
 const char* flashmask_cuda_unsupported(const FlashMaskParams& p) {
   if (p.D != 64 && p.D != 128) return "head dim must be 64 or 128";
   if (p.sm_major < 8) return "needs sm_80 or newer";
+  if (!(p.dropout_p >= 0.0 && p.dropout_p <= 1.0)) return "dropout_p must be in [0, 1]";
   for (const int64_t* s : {p.q_stride, p.k_stride, p.v_stride, p.o_stride})
     for (int i = 0; i < 3; ++i)
       if (s[i] % 8) return "q/k/v/out strides must be multiples of 8 elements (16-byte rows)";
@@ -79,15 +119,21 @@ cudaError_t flashmask_prepare(const FlashMaskParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-cudaError_t flashmask_fwd(const FlashMaskParams& p, cudaStream_t stream) {
+cudaError_t flashmask_fwd(const FlashMaskParams& params, cudaStream_t stream) {
+  FlashMaskParams p = params;
+  flashmask_set_dropout(p);
   ERNIE_CUDA_CHECK(flashmask_prepare(p, stream));
-  // The wgmma kernel is Hopper-only (sm_90a) and specialised for D = 128.
+  // The wgmma kernels are Hopper-only (sm_90a) and specialised for D = 128; sm_80 WMMA otherwise.
   if (p.sm_major == 9 && p.D == 128) return flashmask_fwd_sm90(p, stream);
   return flashmask_fwd_sm80(p, stream);
 }
 
-cudaError_t flashmask_bwd(const FlashMaskParams& p, cudaStream_t stream) {
+cudaError_t flashmask_bwd(const FlashMaskParams& params, cudaStream_t stream) {
+  FlashMaskParams p = params;
+  flashmask_set_dropout(p);
   ERNIE_CUDA_CHECK(flashmask_prepare(p, stream));
+  ERNIE_CUDA_CHECK(flashmask_delta(p, stream));
+  if (use_bwd_sm90(p) && p.dq_accum != nullptr) return flashmask_bwd_sm90(p, stream);
   return flashmask_bwd_sm80(p, stream);
 }
 
