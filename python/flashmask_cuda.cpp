@@ -17,7 +17,14 @@ void strides3(const at::Tensor& t, int64_t* s) {
   for (int i = 0; i < 3; ++i) s[i] = t.stride(i);
 }
 
-at::Tensor last_contig(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+// The kernels move 16-byte chunks (cp.async, TMA): a view with a strided last dim, strides that are
+// not multiples of 8 elements or a start that is not 16-byte aligned is copied once (a fresh tensor
+// is aligned), so any layout works and the usual [B, S, H, D] views cost nothing.
+at::Tensor last_contig(const at::Tensor& t) {
+  bool ok = t.stride(-1) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int i = 0; i + 1 < t.dim(); ++i) ok = ok && t.stride(i) % 8 == 0;
+  return ok ? t : t.contiguous();
+}
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& idx, bool causal) {
   for (const at::Tensor* t : {&q, &k, &v})

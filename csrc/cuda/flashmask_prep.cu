@@ -107,6 +107,9 @@ const char* flashmask_cuda_unsupported(const FlashMaskParams& p) {
   for (const int64_t* s : {p.q_stride, p.k_stride, p.v_stride, p.o_stride})
     for (int i = 0; i < 3; ++i)
       if (s[i] % 8) return "q/k/v/out strides must be multiples of 8 elements (16-byte rows)";
+  // cp.async and TMA move 16-byte chunks: the tensors' first elements must be 16-byte aligned.
+  for (const void* ptr : {p.q, p.k, p.v, static_cast<const void*>(p.out)})
+    if (reinterpret_cast<uintptr_t>(ptr) % 16) return "q/k/v/out must start at 16-byte aligned addresses";
   return "";
 }
 
