@@ -85,6 +85,16 @@ struct SharedStorage {
   int n_live;
 };
 
+// Where element (r, c) of a tile with a swizzled layout lives. CuTe applies the layout's swizzle
+// (Sw<3,4,3>: 16-byte chunk ^= 128-byte row % 8, the wgmma / TMA 128-byte mode) to the *byte
+// address* of the unswizzled offset (swizzle_ptr), so the address must come from a tensor: the
+// layout's integer value Layout{}(r, c) swizzles element offsets instead and lands elsewhere.
+// (host_layout_test.cu checks this against the hardware pattern.)
+template <class Layout>
+__host__ __device__ __forceinline__ Elem* tile_ptr(Elem* smem, int r, int c) {
+  return &make_tensor(make_smem_ptr(smem), Layout{})(r, c);
+}
+
 // rows x kD tile from global (row stride in elements) into a swizzled (rows, D) shared layout,
 // 16 bytes a thread; rows past the end are zero-filled.
 template <int kRows, class Layout>
@@ -94,7 +104,7 @@ __device__ __forceinline__ void load_tile(Elem* smem, const Elem* gmem, int64_t 
   for (int c = threadIdx.x; c < kRows * kChunksPerRow; c += kThreads) {
     const int r = c / kChunksPerRow, d = (c % kChunksPerRow) * 8;
     const bool ok = r < rows_left;
-    cp_async16(smem + Layout{}(r, d), gmem + (ok ? r * row_stride + d : 0), ok);
+    cp_async16(tile_ptr<Layout>(smem, r, d), gmem + (ok ? r * row_stride + d : 0), ok);
   }
 }
 

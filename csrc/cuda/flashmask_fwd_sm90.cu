@@ -26,8 +26,7 @@
 //   (16-byte multiple) strides, so no copies.
 // Not here yet: FlashAttention-3's intra-warpgroup overlap of softmax(t) with S(t + 1) and the
 // ping-pong scheduling of the two consumer warpgroups.
-#include <cuda.h>
-#include <cudaTypedefs.h>
+#include <cuda.h>  // CUtensorMap and the driver's enums (types only: no link against libcuda)
 
 #include <cute/tensor.hpp>
 #include <cute/atom/mma_atom.hpp>
@@ -282,9 +281,15 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const FlashMaskParams 
 #endif
 }
 
+// cuTensorMapEncodeTiled's type (CUDA 12.0 ABI), spelled out: CUTLASS includes <cudaTypedefs.h>
+// inside its own namespace, so its PFN_ typedefs are not reliably visible here.
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
 // The driver's cuTensorMapEncodeTiled through the runtime (no link against libcuda).
-static cudaError_t get_encode(PFN_cuTensorMapEncodeTiled_v12000* fn) {
-  static PFN_cuTensorMapEncodeTiled_v12000 cached = nullptr;
+static cudaError_t get_encode(EncodeTiledFn* fn) {
+  static EncodeTiledFn cached = nullptr;
   if (cached == nullptr) {
     cudaDriverEntryPointQueryResult status;
     void* ptr = nullptr;
@@ -294,7 +299,7 @@ static cudaError_t get_encode(PFN_cuTensorMapEncodeTiled_v12000* fn) {
     ERNIE_CUDA_CHECK(cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &ptr, cudaEnableDefault, &status));
 #endif
     if (status != cudaDriverEntryPointSuccess || ptr == nullptr) return cudaErrorNotSupported;
-    cached = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
+    cached = reinterpret_cast<EncodeTiledFn>(ptr);
   }
   *fn = cached;
   return cudaSuccess;
@@ -303,7 +308,7 @@ static cudaError_t get_encode(PFN_cuTensorMapEncodeTiled_v12000* fn) {
 // {D, S, H, B} view of a bf16 [B, S, H, D] tensor (strides in elements), boxes of {64, rows}.
 static cudaError_t make_map(CUtensorMap* map, const void* base, const FlashMaskParams& p, int heads,
                             const int64_t* stride, int rows) {
-  PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
+  EncodeTiledFn encode = nullptr;
   ERNIE_CUDA_CHECK(get_encode(&encode));
   const cuuint64_t dims[4] = {cuuint64_t(p.D), cuuint64_t(p.S), cuuint64_t(heads), cuuint64_t(p.B)};
   const cuuint64_t strides[3] = {cuuint64_t(stride[1]) * 2, cuuint64_t(stride[2]) * 2, cuuint64_t(stride[0]) * 2};

@@ -8,34 +8,16 @@
 namespace ernie_cuda {
 namespace {
 
-// One thread per (batch*mask head, column). Same rewrite as ernie_core/ops/triton/_mask.py.
+// One thread per (batch*mask head, column): the column's spans (column_spans, flashmask_mask.cuh).
 __global__ void spans_kernel(FlashMaskParams p, int hm_count) {
   const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int bhm = int(t / p.s_pad), j = int(t % p.s_pad);
   if (bhm >= p.B * hm_count) return;
-  int ls = -kBig, le = kBig, us = kBig, ue = -kBig;  // padding column: masked for every row
-  if (j < p.S) {
-    int a[4] = {kBig, kBig, kBig, kBig};
-    if (p.idx != nullptr) {
-      const int32_t* col = p.idx + (int64_t(bhm) * p.S + j) * p.n_idx;
-      for (int i = 0; i < p.n_idx; ++i) a[i] = col[i];
-    }
-    if (p.causal) {
-      ls = p.idx ? a[0] : kBig, le = (p.idx && p.n_idx == 2) ? a[1] : kBig;
-      us = 0, ue = kBig;  // the whole upper triangle
-    } else if (p.idx == nullptr) {
-      ls = kBig, le = kBig, us = 0, ue = 0;
-    } else if (p.n_idx == 2) {
-      ls = a[0], le = kBig, us = 0, ue = a[1];
-    } else {
-      ls = a[0], le = a[1], us = a[2], ue = a[3];
-    }
-    ls = max(ls, j), ue = min(ue, j);
-    if (ls >= le) ls = kBig, le = -kBig;  // empty spans never move a block's min start / max end
-    if (us >= ue) us = kBig, ue = -kBig;
-  }
+  const int32_t* col = (p.idx != nullptr && j < p.S) ? p.idx + (int64_t(bhm) * p.S + j) * p.n_idx : nullptr;
+  int sp[4];
+  column_spans(col, p.n_idx, p.causal, j, p.S, sp);
   int32_t* out = p.spans + int64_t(bhm) * 4 * p.s_pad + j;
-  out[0] = ls, out[p.s_pad] = le, out[2 * p.s_pad] = us, out[3 * p.s_pad] = ue;
+  out[0] = sp[0], out[p.s_pad] = sp[1], out[2 * p.s_pad] = sp[2], out[3 * p.s_pad] = sp[3];
 }
 
 __global__ void table_kernel(FlashMaskParams p, int hm_count) {
@@ -44,13 +26,7 @@ __global__ void table_kernel(FlashMaskParams p, int hm_count) {
   const int bhm = int(t / ncb), cb = int(t % ncb);
   if (bhm >= p.B * hm_count) return;
   int v[8];
-  for (int i = 0; i < 8; ++i) v[i] = (i % 2 == 0) ? kBig : -kBig;
-  const int32_t* sp = p.spans + int64_t(bhm) * 4 * p.s_pad + cb * kMaskBlock;
-  for (int c = 0; c < kMaskBlock; ++c)
-    for (int a = 0; a < 4; ++a) {
-      const int x = sp[a * p.s_pad + c];
-      v[2 * a] = min(v[2 * a], x), v[2 * a + 1] = max(v[2 * a + 1], x);
-    }
+  table_entry(p.spans + int64_t(bhm) * 4 * p.s_pad + cb * kMaskBlock, p.s_pad, v);
   for (int i = 0; i < 8; ++i) p.table[t * 8 + i] = v[i];
 }
 
