@@ -94,6 +94,32 @@ def compile_cu(name: str, arch: str) -> str:
     return obj
 
 
+def build_host_test(name: str) -> str:
+    """Executable of csrc/cuda/test/<name> (host code only: runs without a GPU), cached like objects."""
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+    inc = _cutlass_include()
+    if inc is None:
+        pytest.skip("CUTLASS headers not found: pip install nvidia-cutlass (or set ERNIE_CUTLASS_INCLUDE)")
+    src = os.path.join(CUDA_DIR, "test", name)
+    cmd = [nvcc, "-std=c++17", "-O1", "--expt-relaxed-constexpr", "-I" + os.path.join(ROOT, "csrc"), "-I" + inc, src]
+    h = hashlib.sha256(" ".join(cmd[1:]).encode())
+    h.update(subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.encode())
+    for dep in sorted(glob.glob(os.path.join(CUDA_DIR, "*")) + glob.glob(os.path.join(CUDA_DIR, "test", "*"))
+                      + glob.glob(os.path.join(ROOT, "csrc", "common", "*.h"))):
+        if os.path.isfile(dep):
+            with open(dep, "rb") as f:
+                h.update(f.read())
+    exe = os.path.join(CACHE, f"{name[:-3]}-{h.hexdigest()[:16]}")
+    if not os.path.exists(exe):
+        os.makedirs(CACHE, exist_ok=True)
+        proc = subprocess.run(cmd + ["-o", exe + ".tmp"], capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f"nvcc failed for {name}:\n{proc.stderr[-6000:]}"
+        os.replace(exe + ".tmp", exe)
+    return exe
+
+
 def ptxas_report(obj: str) -> dict[str, tuple[int, int, int]]:
     """{kernel (mangled): (registers, spill store bytes, spill load bytes)} from the cached ptxas -v log."""
     with open(obj + ".ptxas.txt") as f:
@@ -144,6 +170,67 @@ def test_hopper_attention_sass(name, needs):
     spills = {k: v for k, v in report.items() if v[1] or v[2]}
     assert not spills, f"{name}: kernels spill registers: {spills}"
     assert not re.search(r"\b(LDL|STL)\b", sass), f"{name}: local-memory loads/stores in the sm_90a SASS"
+
+
+# ---- index math of the kernels, run on the host ---------------------------------------------------
+
+def test_hopper_index_math_on_host():
+    """The Hopper kernels' CuTe layouts and MMA partitions (csrc/cuda/test/host_layout_test.cu): transposed
+    views, TMA's 128-byte swizzle = the tiles wgmma reads = the backward's cp.async destinations,
+    accumulator coverage / pairs / row slots / quads, the forward's P-as-A-operand regrouping."""
+    exe = build_host_test("host_layout_test.cu")
+    proc = subprocess.run([exe], capture_output=True, text=True, timeout=120)
+    print(proc.stdout)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+def _mask_cases():
+    from test_ops_flashmask_attention import (document_lts, global_token_docs, prefix_lm, share_prompt_lts,
+                                              sliding_window, to_idx)
+
+    S = 600  # not a multiple of any tile: padding rows and columns in the last blocks
+    docs = [130, 70, 200, 111, 40]  # 551 tokens, then padding columns
+    yield "causal", None, True, S
+    yield "full", None, False, S
+    yield "documents", to_idx(document_lts(docs, S), B=2), True, S
+    yield "share_prompt", to_idx(share_prompt_lts([(100, 90, 80), (60, 150, 70)], S)), True, S
+    yield "sliding", to_idx(*sliding_window(docs, S, 150)), True, S
+    yield "prefix_lm", to_idx(*prefix_lm(S, 230)), False, S
+    yield "global_docs", to_idx(*global_token_docs(docs, S)), False, S
+    # Per-kv-head masks (Hm = 2): two different document splits.
+    a, b = to_idx(document_lts(docs, S)), to_idx(document_lts([300, 250], S))
+    yield "per_head_documents", torch.cat([a, b], dim=1), True, S
+
+
+@pytest.mark.parametrize("case", list(_mask_cases()), ids=lambda c: c[0])
+def test_mask_plan_on_host_matches_reference(case, tmp_path):
+    """The CUDA kernels' FlashMask plan (column spans, min/max table, tile classification; their own
+    __host__ __device__ code in flashmask_mask.cuh, run by csrc/cuda/test/host_mask_test.cu): the element
+    mask equals the reference's dense mask, and no tile of the forward / backward geometries is
+    classified skipped while it has a visible element or unmasked while it hides one."""
+    from ernie_core.ops.reference import startend_row_indices_to_mask
+
+    name, idx, causal, S = case
+    exe = build_host_test("host_mask_test.cu")
+    if idx is None:
+        B, Hm, n, flat = 1, 1, 0, []
+        want = torch.ones(S, S, dtype=torch.bool).tril() if causal else torch.ones(S, S, dtype=torch.bool)
+        want = want.view(1, 1, S, S)
+    else:
+        B, Hm, _, n = idx.shape
+        flat = idx.reshape(-1).tolist()
+        want = startend_row_indices_to_mask(idx, causal)
+    path = tmp_path / "idx.txt"
+    path.write_text(f"{B} {Hm} {S} {n} {int(causal)}\n" + " ".join(map(str, flat)) + "\n")
+    proc = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=300)
+    lines, rc = proc.stdout.splitlines(), proc.returncode
+    assert rc == 0, lines[-1] if lines else proc.stderr
+    got = torch.tensor([[c == "1" for c in line] for line in lines[:-1]]).view(B, Hm, S, S)
+    assert torch.equal(got, want), f"{name}: the kernels' element mask differs from the reference"
+    skipped, unmasked, partial = (int(x) for x in re.findall(r"\d+", lines[-1]))
+    print(f"{name}: tiles skipped {skipped}, unmasked {unmasked}, partial {partial}")
+    if causal or name == "global_docs":
+        assert skipped > 0, "a test mask with hidden blocks should skip some tiles"
 
 
 # ---- the dropout keep mask shared by the CPU and CUDA kernels -----------------------------------
