@@ -81,8 +81,9 @@ def compile_cu(name: str, arch: str) -> str:
     h = hashlib.sha256(" ".join(cmd[1:]).encode())
     h.update(subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.encode())
     for dep in sorted(glob.glob(os.path.join(CUDA_DIR, "*")) + glob.glob(os.path.join(ROOT, "csrc", "common", "*.h"))):
-        with open(dep, "rb") as f:
-            h.update(f.read())
+        if os.path.isfile(dep):
+            with open(dep, "rb") as f:
+                h.update(f.read())
     obj = os.path.join(CACHE, f"{name[:-3]}-{arch}-{h.hexdigest()[:16]}.o")
     if not os.path.exists(obj):
         os.makedirs(CACHE, exist_ok=True)

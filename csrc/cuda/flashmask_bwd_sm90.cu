@@ -85,26 +85,28 @@ struct SharedStorage {
   int n_live;
 };
 
-// Where element (r, c) of a tile with a swizzled layout lives. CuTe applies the layout's swizzle
-// (Sw<3,4,3>: 16-byte chunk ^= 128-byte row % 8, the wgmma / TMA 128-byte mode) to the *byte
-// address* of the unswizzled offset (swizzle_ptr), so the address must come from a tensor: the
-// layout's integer value Layout{}(r, c) swizzles element offsets instead and lands elsewhere.
-// (host_layout_test.cu checks this against the hardware pattern.)
-template <class Layout>
+// Where element (r, c) of a (kRows, 128) tile with the K-major 128-byte-swizzle layout lives (the Q,
+// dO, K, V tiles): two (kRows, 64) halves, 16-byte chunk j of row r stored at chunk j ^ (r % 8), the
+// base 1024-byte aligned. CuTe applies the layout's swizzle to the *byte address* of the unswizzled
+// offset (swizzle_ptr), so the layout's integer value Layout{}(r, c) (which swizzles element
+// offsets) is not the address; going through a CuTe tensor is, but costs registers (the kernel
+// spilled). host_layout_test.cu checks this formula against the tensor's addresses, i.e. where
+// wgmma reads, and against TMA's CU_TENSOR_MAP_SWIZZLE_128B pattern.
+template <int kRows>
 __host__ __device__ __forceinline__ Elem* tile_ptr(Elem* smem, int r, int c) {
-  return &make_tensor(make_smem_ptr(smem), Layout{})(r, c);
+  return smem + (c / 64) * kRows * 64 + r * 64 + ((((c % 64) / 8) ^ (r % 8)) * 8) + c % 8;
 }
 
 // rows x kD tile from global (row stride in elements) into a swizzled (rows, D) shared layout,
 // 16 bytes a thread; rows past the end are zero-filled.
-template <int kRows, class Layout>
+template <int kRows>
 __device__ __forceinline__ void load_tile(Elem* smem, const Elem* gmem, int64_t row_stride, int rows_left) {
   constexpr int kChunksPerRow = kD / 8;
 #pragma unroll
   for (int c = threadIdx.x; c < kRows * kChunksPerRow; c += kThreads) {
     const int r = c / kChunksPerRow, d = (c % kChunksPerRow) * 8;
     const bool ok = r < rows_left;
-    cp_async16(tile_ptr<Layout>(smem, r, d), gmem + (ok ? r * row_stride + d : 0), ok);
+    cp_async16(tile_ptr<kRows>(smem, r, d), gmem + (ok ? r * row_stride + d : 0), ok);
   }
 }
 
@@ -146,8 +148,8 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_dq_kernel(const FlashMaskPar
 
   const Elem* k = static_cast<const Elem*>(p.k) + b * p.k_stride[0] + hkv * p.k_stride[2];
   const Elem* v = static_cast<const Elem*>(p.v) + b * p.v_stride[0] + hkv * p.v_stride[2];
-  load_tile<kBN, SmemLayoutK>(sm.k, k + c0 * p.k_stride[1], p.k_stride[1], p.S - c0);
-  load_tile<kBN, SmemLayoutK>(sm.v, v + c0 * p.v_stride[1], p.v_stride[1], p.S - c0);
+  load_tile<kBN>(sm.k, k + c0 * p.k_stride[1], p.k_stride[1], p.S - c0);
+  load_tile<kBN>(sm.v, v + c0 * p.v_stride[1], p.v_stride[1], p.S - c0);
 
   // Q, dO of step t into a stage, plus its rows' base-2 lse (+inf for rows that saw nothing: P = 0),
   // delta and dropout keys (plain shared stores, read after the step's __syncthreads).
@@ -155,8 +157,8 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_dq_kernel(const FlashMaskPar
     const int h = hkv * group + t / n_live, r0 = live[t % n_live] * kBM;
     const Elem* q = static_cast<const Elem*>(p.q) + b * p.q_stride[0] + h * p.q_stride[2];
     const Elem* dout = static_cast<const Elem*>(p.dout) + b * p.do_stride[0] + h * p.do_stride[2];
-    load_tile<kBM, SmemLayoutQ>(sm.q[stage], q + r0 * p.q_stride[1], p.q_stride[1], p.S - r0);
-    load_tile<kBM, SmemLayoutQ>(sm.dout[stage], dout + r0 * p.do_stride[1], p.do_stride[1], p.S - r0);
+    load_tile<kBM>(sm.q[stage], q + r0 * p.q_stride[1], p.q_stride[1], p.S - r0);
+    load_tile<kBM>(sm.dout[stage], dout + r0 * p.do_stride[1], p.do_stride[1], p.S - r0);
     if (threadIdx.x < kBM) {
       const int r = r0 + int(threadIdx.x);
       const int64_t at = (int64_t(b) * p.Hq + h) * p.S + r;

@@ -8,8 +8,9 @@
 //   probabilities in registers.
 // - The producer (one elected thread) loads Q once and then K and V tiles of kBN = 128 keys with TMA
 //   (cp.async.bulk.tensor, 128-byte swizzle, two 64-column boxes per 128-column tile) into a 2-stage
-//   shared-memory ring: per stage a "full" mbarrier (TMA transaction bytes) and an "empty" mbarrier
-//   (one arrival per consumer warp once its wgmmas have read the stage). Loads of tile t + 1 run
+//   shared-memory ring: per stage "full" mbarriers for K and for V (TMA transaction bytes; S = Q K^T
+//   starts before V has landed) and an "empty" mbarrier (one arrival per consumer warp once its
+//   wgmmas have read the stage). Loads of tile t + 1 run
 //   while the consumers compute tile t, and the address generation costs the consumers nothing.
 //   Rows past S are zero-filled by TMA (out-of-bounds box elements) and masked by the column spans.
 // - Consumers: S = Q K^T (wgmma SS, 64 x 128 x 128 per warpgroup), the FlashMask element mask on
@@ -65,7 +66,7 @@ struct SharedStorage {
   alignas(1024) Elem q[cosize_v<SmemLayoutQ>];
   alignas(1024) Elem k[kStages][cosize_v<SmemLayoutK>];
   alignas(1024) Elem v[kStages][cosize_v<SmemLayoutK>];
-  alignas(8) uint64_t full[kStages], empty[kStages], q_full;
+  alignas(8) uint64_t full_k[kStages], full_v[kStages], empty[kStages], q_full;
   int n_live;
 };
 
@@ -129,7 +130,8 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const FlashMaskParams 
   const int32_t* spans = p.spans + int64_t(bhm) * 4 * p.s_pad;
 
   if (threadIdx.x == 0) {
-    for (int s = 0; s < kStages; ++s) mbar_init(&sm.full[s], 1), mbar_init(&sm.empty[s], kConsumerThreads / 32);
+    for (int s = 0; s < kStages; ++s)
+      mbar_init(&sm.full_k[s], 1), mbar_init(&sm.full_v[s], 1), mbar_init(&sm.empty[s], kConsumerThreads / 32);
     mbar_init(&sm.q_full, 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");  // visible to the async proxy
   }
@@ -141,18 +143,19 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const FlashMaskParams 
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     if (threadIdx.x == 0) {
       prefetch_map(&maps.q), prefetch_map(&maps.k), prefetch_map(&maps.v);
-      constexpr uint32_t kQBytes = kBM * kD * sizeof(Elem), kKVBytes = 2 * kBN * kD * sizeof(Elem);
+      constexpr uint32_t kQBytes = kBM * kD * sizeof(Elem), kTileBytes = kBN * kD * sizeof(Elem);
       mbar_expect_tx(&sm.q_full, kQBytes);
       for (int half = 0; half < kD / kBoxCols; ++half)
         tma_load(sm.q + half * kBM * kBoxCols, &maps.q, &sm.q_full, half * kBoxCols, r0, h, b);
       for (int t = 0; t < n_live; ++t) {
         const int s = t % kStages, c0 = live[t] * kBN;
         if (t >= kStages) mbar_wait(&sm.empty[s], uint32_t((t / kStages - 1) & 1));  // consumers released it
-        mbar_expect_tx(&sm.full[s], kKVBytes);
-        for (int half = 0; half < kD / kBoxCols; ++half) {
-          tma_load(sm.k[s] + half * kBN * kBoxCols, &maps.k, &sm.full[s], half * kBoxCols, c0, hkv, b);
-          tma_load(sm.v[s] + half * kBN * kBoxCols, &maps.v, &sm.full[s], half * kBoxCols, c0, hkv, b);
-        }
+        mbar_expect_tx(&sm.full_k[s], kTileBytes);
+        for (int half = 0; half < kD / kBoxCols; ++half)
+          tma_load(sm.k[s] + half * kBN * kBoxCols, &maps.k, &sm.full_k[s], half * kBoxCols, c0, hkv, b);
+        mbar_expect_tx(&sm.full_v[s], kTileBytes);
+        for (int half = 0; half < kD / kBoxCols; ++half)
+          tma_load(sm.v[s] + half * kBN * kBoxCols, &maps.v, &sm.full_v[s], half * kBoxCols, c0, hkv, b);
       }
     }
     return;
@@ -185,7 +188,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const FlashMaskParams 
 
   for (int t = 0; t < n_live; ++t) {
     const int s = t % kStages, c0 = live[t] * kBN;
-    mbar_wait(&sm.full[s], uint32_t((t / kStages) & 1));
+    mbar_wait(&sm.full_k[s], uint32_t((t / kStages) & 1));  // S needs K only; V may still be landing
     Tensor tSrK = thr_s.partition_fragment_B(make_tensor(make_smem_ptr(sm.k[s]), SmemLayoutK{}));
     warpgroup_fence_operand(tSrS);
     warpgroup_arrive();
@@ -244,6 +247,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const FlashMaskParams 
     Tensor tOrP = make_tensor(rP.data(), Layout<Shape<Shape<_2, _2, _2>, _1, Int<kBN / 16>>,
                                                 Stride<Stride<_1, _2, _4>, _0, _8>>{});
     Tensor tOrV = thr_o.partition_fragment_B(make_tensor(make_smem_ptr(sm.v[s]), SmemLayoutVt{}));
+    mbar_wait(&sm.full_v[s], uint32_t((t / kStages) & 1));
     warpgroup_fence_operand(tOrO);
     warpgroup_arrive();
     CUTE_UNROLL

@@ -35,19 +35,21 @@ static long transposed_view(int rows, int cols) {
 }
 
 // Physical placement: byte offset of element (r, c) through a CuTe tensor on a 1024-byte aligned
-// base (as the kernels' shared buffers are), against TMA's SWIZZLE_128B pattern for two {64, rows}
-// boxes. via_ptr: through ernie_cuda::sm90bwd::tile_ptr (the backward's cp.async destinations).
-template <class L>
-static long tma_swizzle_128b(int rows, int cols, bool via_ptr) {
+// base (as the kernels' shared buffers are; this is where wgmma reads), against TMA's SWIZZLE_128B
+// pattern for two {64, rows} boxes and against the backward's cp.async destinations (tile_ptr).
+template <class L, int kRows>
+static long tma_swizzle_128b(int cols, bool check_tile_ptr) {
   using Elem = cutlass::bfloat16_t;
   Elem* base = reinterpret_cast<Elem*>(uintptr_t(1) << 20);  // never dereferenced
   long bad = 0;
-  for (int r = 0; r < rows; ++r)
+  for (int r = 0; r < kRows; ++r)
     for (int c = 0; c < cols; ++c) {
       const int half = c / 64, cc = c % 64;
-      const long byte = half * rows * 128 + r * 128 + ((((cc * 2) / 16) ^ (r % 8)) * 16) + (cc * 2) % 16;
-      const Elem* at = via_ptr ? ernie_cuda::sm90bwd::tile_ptr<L>(base, r, c) : &make_tensor(make_smem_ptr(base), L{})(r, c);
-      bad += long(reinterpret_cast<uintptr_t>(at) - reinterpret_cast<uintptr_t>(base)) != byte;
+      const long byte = half * kRows * 128 + r * 128 + ((((cc * 2) / 16) ^ (r % 8)) * 16) + (cc * 2) % 16;
+      const Elem* at = &make_tensor(make_smem_ptr(base), L{})(r, c);
+      const long off = long(reinterpret_cast<uintptr_t>(at) - reinterpret_cast<uintptr_t>(base));
+      bad += off != byte;
+      if (check_tile_ptr) bad += ernie_cuda::sm90bwd::tile_ptr<kRows>(base, r, c) != at;
     }
   return bad;
 }
@@ -91,8 +93,8 @@ int main() {
   {
     using namespace ernie_cuda::sm90;
     report("fwd: V^T view == V tile transposed", transposed_view<SmemLayoutK, SmemLayoutVt>(kBN, kD));
-    report("fwd: Q tile (wgmma's view) == TMA SWIZZLE_128B boxes {64, 128}", tma_swizzle_128b<SmemLayoutQ>(kBM, kD, false));
-    report("fwd: K/V tile (wgmma's view) == TMA SWIZZLE_128B boxes {64, 128}", tma_swizzle_128b<SmemLayoutK>(kBN, kD, false));
+    report("fwd: Q tile (wgmma's view) == TMA SWIZZLE_128B boxes {64, 128}", tma_swizzle_128b<SmemLayoutQ, kBM>(kD, false));
+    report("fwd: K/V tile (wgmma's view) == TMA SWIZZLE_128B boxes {64, 128}", tma_swizzle_128b<SmemLayoutK, kBN>(kD, false));
     check_c<MmaS, kBM, kBN>("fwd S = Q K^T", true);
     check_c<MmaO, kBM, kD>("fwd O = P V", true);
     // 4: A operand of MmaO vs the S accumulator regrouped with the kernel's layout.
@@ -116,8 +118,10 @@ int main() {
     report("bwd: K^T view == K tile transposed", transposed_view<SmemLayoutK, SmemLayoutKt>(kBN, kD));
     report("bwd: Q^T / dO^T view == tile transposed", transposed_view<SmemLayoutQ, SmemLayoutQt>(kBM, kD));
     report("bwd: dS^T / P^T view == tile transposed", transposed_view<SmemLayoutdS, SmemLayoutdSt>(kBM, kBN));
-    report("bwd: cp.async K/V destinations (tile_ptr) == the 128-byte swizzle", tma_swizzle_128b<SmemLayoutK>(kBN, kD, true));
-    report("bwd: cp.async Q/dO destinations (tile_ptr) == the 128-byte swizzle", tma_swizzle_128b<SmemLayoutQ>(kBM, kD, true));
+    report("bwd: cp.async K/V destinations (tile_ptr) == wgmma's view == 128-byte swizzle",
+           tma_swizzle_128b<SmemLayoutK, kBN>(kD, true));
+    report("bwd: cp.async Q/dO destinations (tile_ptr) == wgmma's view == 128-byte swizzle",
+           tma_swizzle_128b<SmemLayoutQ, kBM>(kD, true));
     check_c<MmaSdP, kBN, kBM>("bwd S^T = K Q^T", false);
     check_c<MmadKV, kBN, kD>("bwd dK, dV", false);
     check_c<MmadQ, kBM, kD>("bwd dQ = dS K", false);
