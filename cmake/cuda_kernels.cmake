@@ -42,3 +42,26 @@ target_include_directories(ernie_cuda_kernels PRIVATE ${CMAKE_CURRENT_SOURCE_DIR
 target_compile_options(ernie_cuda_kernels PRIVATE
   $<$<COMPILE_LANGUAGE:CUDA>:-O3 --use_fast_math --expt-relaxed-constexpr
   -gencode=arch=compute_90a,code=sm_90a -gencode=arch=compute_80,code=sm_80>)
+
+# Host-side tests of the kernels' index math (no GPU needed to run them): the FlashMask plan and the
+# Hopper kernels' CuTe layouts / MMA partitions. tests/test_cuda_build.py runs the same programs.
+foreach(_t host_mask_test host_layout_test)
+  add_executable(ernie_cuda_${_t} csrc/cuda/test/${_t}.cu)
+  set_target_properties(ernie_cuda_${_t} PROPERTIES CUDA_ARCHITECTURES OFF CUDA_STANDARD 17 CUDA_STANDARD_REQUIRED ON)
+  target_include_directories(ernie_cuda_${_t} PRIVATE ${CMAKE_CURRENT_SOURCE_DIR}/csrc ${ERNIE_CUTLASS_INCLUDE})
+  target_compile_options(ernie_cuda_${_t} PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:--expt-relaxed-constexpr>)
+endforeach()
+add_test(NAME cuda_host_layouts COMMAND ernie_cuda_host_layout_test)
+# The mask plan program needs an index file; ctest runs it on a small causal-document mask.
+file(WRITE ${CMAKE_CURRENT_BINARY_DIR}/host_mask_documents.txt "1 1 300 1 1\n")
+foreach(_j RANGE 0 299)
+  if(_j LESS 100)
+    set(_v 100)
+  elseif(_j LESS 270)
+    set(_v 270)
+  else()
+    set(_v ${_j})
+  endif()
+  file(APPEND ${CMAKE_CURRENT_BINARY_DIR}/host_mask_documents.txt "${_v} ")
+endforeach()
+add_test(NAME cuda_host_mask_plan COMMAND ernie_cuda_host_mask_test ${CMAKE_CURRENT_BINARY_DIR}/host_mask_documents.txt)

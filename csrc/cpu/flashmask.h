@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common.h"
+#include "common/dropout_hash.h"
 
 namespace ernie_cpu {
 
@@ -110,13 +111,9 @@ inline int round_up16(int x) { return (x + 15) / 16 * 16; }
 //   u     = the low 32 bits of x for even j, the high 32 bits for odd j (one mix per column pair),
 //   keep  = u >= t with t = floor(p * 2^32); kept probabilities are scaled by 1 / (1 - p).
 // p = 1 gives scale 0 (every probability dropped; the 32-bit threshold then saturates, harmlessly).
-constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ull;
-
-inline uint64_t mix64(uint64_t z) {
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
+// mix64 and kGolden are the CUDA kernels' too: one definition in common/dropout_hash.h.
+using ernie_common::kGolden;
+using ernie_common::mix64;
 
 struct Dropout {
   bool on = false;

@@ -1,28 +1,23 @@
 // FlashMask attention backward with WMMA (included by flashmask_sm80.cu; see its header comment).
-// P is recomputed from the saved lse; delta_i = sum_d dO_id O_id is the softmax backward's row term.
+// P is recomputed from the saved lse; delta_i = sum_d dO_id O_id - dlse_i is the softmax backward's
+// row term (flashmask_delta). Dropout (keep mask Z, r = 1 / (1 - p)): the forward computed
+// O = (r Z * P) V, so dV = r (Z * P)^T dO and dS = P * (r Z * dP - delta) with dP = dO V^T; delta
+// needs no mask because O already holds the dropout (the CPU kernel's derivation, flashmask_bwd.cpp).
 #pragma once
 
 namespace ernie_cuda {
 namespace sm80 {
 
-// One warp per (batch, head, row): delta [B, Hq, S] fp32.
-__global__ void delta_kernel(const FlashMaskParams p) {
-  const int64_t r = int64_t(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
-  if (r >= int64_t(p.B) * p.Hq * p.S) return;
-  const int s = int(r % p.S), h = int(r / p.S % p.Hq), b = int(r / p.S / p.Hq);
-  const bf16* dout = static_cast<const bf16*>(p.dout) + b * p.do_stride[0] + s * p.do_stride[1] + h * p.do_stride[2];
-  const bf16* out = static_cast<const bf16*>(p.out) + b * p.o_stride[0] + s * p.o_stride[1] + h * p.o_stride[2];
-  float acc = 0.f;
-  for (int d = threadIdx.x % 32; d < p.D; d += 32) acc += __bfloat162float(dout[d]) * __bfloat162float(out[d]);
-  for (int o = 16; o > 0; o /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-  if (threadIdx.x % 32 == 0) p.delta[r] = acc;
-}
-
 // Row statistics of a query block in log2 units; rows past S or attending nothing get lse = +inf,
 // which makes their probabilities exactly 0.
-__device__ __forceinline__ void load_row_stats(float* lse2, float* delta, const FlashMaskParams& p, int bh, int r0) {
+// With dropout, rkey gets the rows' keys of the keep mask.
+__device__ __forceinline__ void load_row_stats(float* lse2, float* delta, uint64_t* rkey, const FlashMaskParams& p,
+                                               int b, int h, int r0) {
+  const int bh = b * p.Hq + h;
+  const uint64_t head_key = ernie_common::dropout_head_key(p.drop_seed_key, b, h);
   for (int i = threadIdx.x; i < kB; i += kThreads) {
     const int r = r0 + i;
+    if (p.drop_on) rkey[i] = ernie_common::dropout_row_key(head_key, r);
     const float l = r < p.S ? p.lse[int64_t(bh) * p.S + r] : -INFINITY;
     lse2[i] = l == -INFINITY ? INFINITY : l * 1.4426950408889634f;
     delta[i] = r < p.S ? p.delta[int64_t(bh) * p.S + r] : 0.f;
@@ -35,6 +30,7 @@ struct DkdvSmem {
   float st[kB][kB + kPadF], dpt[kB][kB + kPadF];
   bf16 pt[kB][kB + kPadH], dst[kB][kB + kPadH];
   float lse2[kB], delta[kB];
+  uint64_t rkey[kB];
   int32_t spans[4][kB];
   float stage[kThreads / 32][256];
   int n_live;
@@ -72,7 +68,7 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const FlashMaskParams p)
       const int r0 = live[t] * kB;
       load_rows<D>(&sm.q[0][0], q + r0 * p.q_stride[1], p.q_stride[1], p.S - r0);
       load_rows<D>(&sm.dout[0][0], dout + r0 * p.do_stride[1], p.do_stride[1], p.S - r0);
-      load_row_stats(sm.lse2, sm.delta, p, b * p.Hq + h, r0);
+      load_row_stats(sm.lse2, sm.delta, sm.rkey, p, b, h, r0);
       cp_async_commit();
       cp_async_wait<0>();
       __syncthreads();
@@ -83,8 +79,14 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const FlashMaskParams p)
       for (int r = half * 32; r < half * 32 + 32; ++r) {
         float pv = exp2f(sm.st[col][r] * sl2 - sm.lse2[r]);
         if (partial && masked_at(sm.spans, r0 + r, col)) pv = 0.f;
-        sm.pt[col][r] = __float2bfloat16(pv);
-        sm.dst[col][r] = __float2bfloat16(pv * (sm.dpt[col][r] - sm.delta[r]));
+        float dpv = sm.dpt[col][r];
+        bool keep = true;
+        if (p.drop_on) {
+          keep = ernie_common::dropout_keep(sm.rkey[r], c0 + col, p.drop_threshold);
+          dpv = keep ? dpv * p.drop_rescale : 0.f;
+        }
+        sm.pt[col][r] = __float2bfloat16(keep ? pv : 0.f);
+        sm.dst[col][r] = __float2bfloat16(pv * (dpv - sm.delta[r]));
       }
       __syncwarp();
       warp_ab_acc<D>(dv, &sm.pt[16 * warp][0], &sm.dout[0][0]);
@@ -95,7 +97,7 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const FlashMaskParams p)
   bf16* dkp = static_cast<bf16*>(p.dk) + b * p.dk_stride[0] + hkv * p.dk_stride[2] + (c0 + 16 * warp) * p.dk_stride[1];
   bf16* dvp = static_cast<bf16*>(p.dv) + b * p.dv_stride[0] + hkv * p.dv_stride[2] + (c0 + 16 * warp) * p.dv_stride[1];
   store_frags<D>(dk, sm.stage[warp], dkp, p.dk_stride[1], p.S - c0 - 16 * warp, p.scale);
-  store_frags<D>(dv, sm.stage[warp], dvp, p.dv_stride[1], p.S - c0 - 16 * warp, 1.f);
+  store_frags<D>(dv, sm.stage[warp], dvp, p.dv_stride[1], p.S - c0 - 16 * warp, p.drop_rescale);
 }
 
 template <int D>
@@ -104,6 +106,7 @@ struct DqSmem {
   float s[kB][kB + kPadF], dp[kB][kB + kPadF];
   bf16 ds[kB][kB + kPadH];
   float lse2[kB], delta[kB];
+  uint64_t rkey[kB];
   int32_t spans[4][kB];
   float stage[kThreads / 32][256];
   int n_live;
@@ -121,7 +124,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const FlashMaskParams p) {
   const Ctx cx = make_ctx(p, b, h, h / (p.Hq / p.Hkv));
   const int r0 = rb * kB, r1 = min(r0 + kB, p.S), warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int cb = threadIdx.x; cb < ncb; cb += kThreads) kinds[cb] = int8_t(classify(block_stats(cx.table, cb * kB, kB), r0, r1));
-  load_row_stats(sm.lse2, sm.delta, p, b * p.Hq + h, r0);
+  load_row_stats(sm.lse2, sm.delta, sm.rkey, p, b, h, r0);
   __syncthreads();
   const int n_live = compact_live(kinds, ncb, live, &sm.n_live);
   const bf16* q = static_cast<const bf16*>(p.q) + b * p.q_stride[0] + h * p.q_stride[2];
@@ -146,10 +149,15 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const FlashMaskParams p) {
     warp_abt<D>(&sm.dout[16 * warp][0], &sm.v[0][0], &sm.dp[16 * warp][0], kB + kPadF);
     __syncwarp();
     const bool partial = kinds[live[t]] == kTilePartial;
-    for (int c = half * 32; c < half * 32 + 32; ++c) {
-      float pv = exp2f(sm.s[row][c] * sl2 - sm.lse2[row]);
-      if (partial && masked_at(sm.spans, r0 + row, c)) pv = 0.f;
-      sm.ds[row][c] = __float2bfloat16(pv * (sm.dp[row][c] - sm.delta[row]));
+    for (int c = half * 32; c < half * 32 + 32; c += 2) {  // c0 + c even: one hash per column pair
+      const uint64_t bits = p.drop_on ? ernie_common::dropout_pair_bits(sm.rkey[row], c0 + c) : ~0ull;
+      for (int e = 0; e < 2; ++e) {
+        float pv = exp2f(sm.s[row][c + e] * sl2 - sm.lse2[row]);
+        if (partial && masked_at(sm.spans, r0 + row, c + e)) pv = 0.f;
+        float dpv = sm.dp[row][c + e];
+        if (p.drop_on) dpv = uint32_t(bits >> (32 * e)) >= p.drop_threshold ? dpv * p.drop_rescale : 0.f;
+        sm.ds[row][c + e] = __float2bfloat16(pv * (dpv - sm.delta[row]));
+      }
     }
     __syncwarp();
     warp_ab_acc<D>(dq, &sm.ds[16 * warp][0], &sm.k[0][0]);

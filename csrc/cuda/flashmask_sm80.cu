@@ -7,6 +7,9 @@
 // in shared memory (forward) or registers (dK/dV/dQ fragments). The backward is split like the
 // Triton one: dK/dV per key block (looping over the query heads of its GQA group) and dQ per query
 // block, so there are no atomics.
+// Attention dropout (p.drop_on) uses the CPU kernel's counter-based keep mask (common/dropout_hash.h):
+// the forward sums the undropped probabilities into l and zeroes dropped ones before P V, scaling
+// the output by 1 / (1 - p); the backward regenerates the same mask (see flashmask_bwd_sm80.cuh).
 #include <cuda_bf16.h>
 #include <mma.h>
 
@@ -136,6 +139,8 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FlashMaskParams p) 
   load_rows<D>(&sm.q[0][0], q + r0 * p.q_stride[1], p.q_stride[1], p.S - r0);
   const float sl2 = p.scale * 1.4426950408889634f;
   const int row = 16 * warp + lane / 2, half = lane % 2;  // softmax: two lanes per row, 32 columns each
+  const uint64_t row_key =
+      p.drop_on ? ernie_common::dropout_row_key(ernie_common::dropout_head_key(p.drop_seed_key, b, h), r0 + row) : 0;
   for (int t = 0; t < n_live; ++t) {
     const int c0 = live[t] * kB;
     load_rows<D>(&sm.k[0][0], k + c0 * p.k_stride[1], p.k_stride[1], p.S - c0);
@@ -158,10 +163,16 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FlashMaskParams p) 
     const float m_safe = mx == -INFINITY ? 0.f : mx;  // nothing allowed yet: keep p = 0, not NaN
     const float alpha = exp2f(sm.m[row] - m_safe);
     float sum = 0.f;
-    for (int c = half * 32; c < half * 32 + 32; ++c) {
-      const float pv = exp2f(sm.s[row][c] - m_safe);
-      sum += pv;
-      sm.pm[row][c] = __float2bfloat16(pv);
+    for (int c = half * 32; c < half * 32 + 32; c += 2) {  // c0 + c is even: one hash per column pair
+      const float p0 = exp2f(sm.s[row][c] - m_safe), p1 = exp2f(sm.s[row][c + 1] - m_safe);
+      sum += p0 + p1;
+      bool keep0 = true, keep1 = true;
+      if (p.drop_on) {
+        const uint64_t x = ernie_common::dropout_pair_bits(row_key, c0 + c);
+        keep0 = uint32_t(x) >= p.drop_threshold, keep1 = uint32_t(x >> 32) >= p.drop_threshold;
+      }
+      sm.pm[row][c] = __float2bfloat16(keep0 ? p0 : 0.f);
+      sm.pm[row][c + 1] = __float2bfloat16(keep1 ? p1 : 0.f);
     }
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     for (int d = half * (D / 2); d < (half + 1) * (D / 2); ++d) sm.o[row][d] *= alpha;
@@ -179,7 +190,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FlashMaskParams p) 
     const int r = i / D, d = i % D;
     if (r0 + r < p.S) {
       const float l = sm.l[r];
-      out[(r0 + r) * p.o_stride[1] + d] = __float2bfloat16(l > 0.f ? sm.o[r][d] / l : 0.f);
+      out[(r0 + r) * p.o_stride[1] + d] = __float2bfloat16(l > 0.f ? sm.o[r][d] * (p.drop_rescale / l) : 0.f);
     }
   }
   if (threadIdx.x < kB && r0 + threadIdx.x < p.S) {
@@ -213,10 +224,8 @@ cudaError_t flashmask_fwd_sm80(const FlashMaskParams& p, cudaStream_t stream) {
   return launch<sm80::FwdSmem<128>>(sm80::fwd_kernel<128>, grid, extra, p, stream);
 }
 
+// delta (p.delta) is computed by flashmask_delta before this.
 cudaError_t flashmask_bwd_sm80(const FlashMaskParams& p, cudaStream_t stream) {
-  const int rows = p.B * p.Hq * p.S;
-  sm80::delta_kernel<<<cdiv(rows, sm80::kThreads / 32), sm80::kThreads, 0, stream>>>(p);
-  ERNIE_CUDA_CHECK(cudaGetLastError());
   const int nb = cdiv(p.S, sm80::kB);
   const size_t extra = list_bytes(p.s_pad / sm80::kB);
   if (p.D == 64) {
