@@ -157,6 +157,9 @@ def split_model(full, pp_rank: int, pp: int, bounds: list[tuple[int, int]]) -> P
     """Keep the stages of `pp_rank` (stage s on rank s % pp); the other layers are dropped."""
     num_stages = len(bounds)
     tied = full.lm_head.weight is full.model.embed_tokens.weight
+    # torch's schedules get a stage's input gradient from autograd.grad(inputs=...), which reentrant
+    # checkpointing cannot serve; the non-reentrant recompute runs the same code and gives the same values.
+    full.runtime.recompute_use_reentrant = False
     stage_ids = list(range(pp_rank, num_stages, pp))
     chunks = []
     for s in stage_ids:
