@@ -1,9 +1,18 @@
 """Pipeline parallelism: split the plain model into stages, run them with torch.distributed.pipelining.
 
 Layers are split by `pp_seg_method` into `pp x virtual_pp_degree` stages; stage s lives on pipeline
-rank s % pp (the interleaved layout torch's multi-stage schedules expect). The embedding rides
-with the first stage, the final norm + LM head with the last. `add_tail_layers` appends empty
-(identity) layers that count in the split, so uneven layer counts can still give equal stages.
+rank s % pp (the interleaved layout torch's multi-stage schedules expect). `add_tail_layers` adds
+empty layer indices that count in the split (they hold nothing), so uneven layer counts can still
+give equal stages.
+
+A stage is the model itself with the pieces it does not own removed (`stage_module`, the way
+torchtitan does it): the model's layers live in an `nn.ModuleDict` keyed by index, a stage keeps
+its range of them, the first stage the embedding, the last the final norm and LM head, and the
+model's forward skips whatever is missing. So every stage runs the single-process code for the
+forward, recompute and dropout, and the last stage's loss is the model's own head-and-loss path
+(dense, fused or sparse head; vocab-parallel under tensor parallelism). What the last stage
+computes comes from the objective (SFT: the model's loss; DPO: the scored rows' log-probs), see
+`PipelineRunner`.
 
 Each rank keeps only its stages' modules in a `PipelinedModel`, registered under the full model's
 names (`model.layers.7.mlp.up_proj.weight`, ...), so optimizer groups, checkpoints and logs see the
