@@ -79,10 +79,6 @@ class ParallelContext:
         dims = dims_from_config(cfg, world_size)
         return cls(dims, options_from_config(cfg), rank=rank, device=device)
 
-    def check_objective(self, name: str) -> None:
-        """Layouts the objective can run under: every objective runs in every layout (SFT and DPO; the
-        pipeline runs the objective's stage_forward / stage_loss, see pipeline.PipelineRunner)."""
-
     # ------------------------------------------------------------------ coordinates
     @property
     def is_main(self) -> bool:
