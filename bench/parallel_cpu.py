@@ -94,8 +94,10 @@ def _setup(spec: dict):
 
 
 def _step(ctx, model, opt, batches) -> float:
+    from ernie_core.train.sft import SFTObjective
+
     if ctx.pipelined:
-        loss = ctx.pipeline_loss_step(batches)[0]
+        loss = ctx.pipeline_loss_step(SFTObjective(), batches)[0]
     else:
         loss = 0.0
         for i, b in enumerate(batches):

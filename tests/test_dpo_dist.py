@@ -1,8 +1,10 @@
-"""DPO under the parallel layouts it supports reproduces the single-process run (gloo, 2 and 4 processes).
+"""DPO under every parallel layout reproduces the single-process run (gloo, 2 and 4 processes).
 
 Five fp32 DPO steps of the tiny example model (examples/configs/dpo_tiny.yaml, full and LoRA) per
 layout through the real CLI entry point: data parallel, sharding stage1/2/3, tensor parallel (with
-and without sequence parallel / tensor_parallel_output) and TP x stage3. Per step, the loss, the
+and without sequence parallel / tensor_parallel_output), TP x stage3, and pipeline parallel (PP2
+full / LoRA / continued from a checkpoint, PP2 x TP2, PP2 x stage2): the pipeline runs a no-grad
+reference pass through its stages, then the policy's schedule with the DPO loss on the last stage. Per step, the loss, the
 chosen/rejected log-probs and the gradient norm agree with the single-process run on the same global
 batch within 1e-5 relative, reward accuracy is identical, the eval losses agree, and the saved
 model equals it. Full DPO runs refresh the reference (ref_model_update_steps=3), so both the initial
@@ -38,8 +40,10 @@ ACCUM4 = ["gradient_accumulation_steps=4"]
 # the reference loads from model_name_or_path (under FSDP: every rank cuts its own shards of it).
 CONT = FULL + ["continue_training=true", "model_name_or_path={root}/ref_full_accum2"]
 REFERENCES = {"ref_full_accum2": FULL, "ref_full_accum4": FULL + ACCUM4, "ref_lora_accum4": LORA + ACCUM4,
+              "ref_lora_accum2": LORA,
               "ref_cont_accum4": CONT + ACCUM4}  # after ref_full_accum2, whose output it starts from
 TP2 = ["tensor_parallel_degree=2"]
+PP2 = ["pipeline_parallel_degree=2"]
 # name: (processes, single-process reference, how the reference model is held, overrides).
 # Data-parallel layouts read two slices per global batch: their reference accumulates 4 micro-batches.
 LAYOUTS = {
@@ -56,6 +60,11 @@ LAYOUTS = {
     "tp2_sp_full": (2, "ref_full_accum2", "copy",
                     FULL + TP2 + ["sequence_parallel=true", "tensor_parallel_output=false"]),
     "tp2_stage3_full": (4, "ref_full_accum4", "shards", FULL + TP2 + ["sharding=stage3"]),
+    "pp2_full": (2, "ref_full_accum2", "copy", FULL + PP2),
+    "pp2_lora": (2, "ref_lora_accum2", "adapters", LORA + PP2),
+    "pp2_cont": (2, "ref_cont_accum4", "copy", CONT + ACCUM4 + PP2),  # the reference's stages cut from a checkpoint
+    "pp2_tp2_full": (4, "ref_full_accum2", "copy", FULL + PP2 + TP2),
+    "pp2_stage2_full": (4, "ref_full_accum4", "shards", FULL + PP2 + ["sharding=stage2"]),
 }
 
 
@@ -72,11 +81,11 @@ def argv(out: Path, *extra: str) -> list[str]:
 
 def reference_facts(trainer) -> dict:
     """How this rank holds the DPO reference, read at the end of training (before the final save)."""
-    from ernie_core.train.dpo import _fsdp_modules, _local
+    from ernie_core.parallel.reference import reshard
+    from ernie_core.parallel.tensor_parallel import _local
 
     model, obj = trainer.model, trainer.objective
-    for m in _fsdp_modules(model):  # the sharded parameters are the registered ones
-        m.reshard()
+    reshard(model)  # the sharded parameters are the registered ones
     params = list(model.parameters())
     opt = [p for g in trainer.optimizer.param_groups for p in g["params"]]
     placements_match = True
@@ -85,13 +94,13 @@ def reference_facts(trainer) -> dict:
         placements_match = all(getattr(r, "placements", None) == getattr(p, "placements", None)
                                and _local(r).shape == _local(p).shape for r, p in zip(ref, params))
     elif obj._ref_shards is not None:
-        kind, ref = "shards", list(obj._ref_shards)
+        kind, ref = "shards", list(obj._ref_shards.tensors)
         placements_match = [t.shape for t in ref] == [_local(p).shape for p in params]
     else:
         kind, ref = "adapters", []
     ref_ptrs = {_local(t).data_ptr() for t in ref}
     return {
-        "kind": kind, "placements_match": placements_match, "n_ref": len(ref), "n_params": len(params),
+        "kind": kind, "placements_match": placements_match, "stages": list(getattr(model, "stage_ids", [0])), "n_ref": len(ref), "n_params": len(params),
         "ref_local": sum(_local(t).numel() for t in ref), "policy_local": sum(_local(p).numel() for p in params),
         "full": sum(p.numel() for p in params),
         "trainable_local": sum(_local(p).numel() for p in params if p.requires_grad),
@@ -184,10 +193,12 @@ def test_reference_is_sharded_like_the_policy_and_not_trained(runs, name):
         assert f["ref_local"] == f["policy_local"], f
         if "sharding=stage1" not in extra:  # stage1's optimizer holds slices instead of the parameters
             assert f["opt_local"] == f["trainable_local"], f
-    total_ref = sum(f["ref_local"] for f in ranks)
-    full = ranks[0]["full"]
     if kind == "shards" and ("sharding=stage3" in extra or "sharding=stage2" in extra):
         tp = 2 if "tensor_parallel_degree=2" in extra else 1
-        # each sharding rank holds 1/N of the reference; TP ranks split it further (norms replicated)
-        assert total_ref <= full * tp and total_ref >= full, (total_ref, full)
-        assert max(f["ref_local"] for f in ranks) < full * 0.75
+        # each sharding rank holds 1/N of the reference of its pipeline stages (all of the model
+        # without PP); TP ranks split it further (norms replicated)
+        for stages in {tuple(f["stages"]) for f in ranks}:
+            group = [f for f in ranks if tuple(f["stages"]) == stages]
+            total_ref, full = sum(f["ref_local"] for f in group), group[0]["full"]
+            assert total_ref <= full * tp and total_ref >= full, (stages, total_ref, full)
+            assert max(f["ref_local"] for f in group) < full * 0.75

@@ -50,6 +50,10 @@ LAYOUTS = {
     "pp2_lora": (2, "ref_lora", ["pipeline_parallel_degree=2", *LORA]),  # frozen tied embedding across stages
     "pp2_tp2": (4, "ref_accum2", ["pipeline_parallel_degree=2", "tensor_parallel_degree=2", "pp_seg_method=[0,1,4]",
                                   "save_strategy=steps", "save_steps=5"]),
+    # The last stage's loss is the model's own head: fused + sparse head and full recompute under PP
+    # give the single-process dense run's losses, gradient norms and model.
+    "pp2_fused": (2, "ref_accum2", ["pipeline_parallel_degree=2", "use_fused_head_and_loss_fn=true",
+                                    "use_sparse_head_and_loss_fn=true", "recompute=true"]),
 }
 # Resumed from a layout's checkpoint-5: (source, processes, reference, overrides). Stage3 over 2 ranks
 # halves the accumulation so the global batch stays 2 rows; one process resuming stage1's run

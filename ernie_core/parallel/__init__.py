@@ -6,7 +6,9 @@
 
 Degrees: `dims.py`; launch and failure handling: `launch.py`; plans: `tensor_parallel.py`,
 `pipeline.py`, `data_parallel.py`; layout-independent checkpoints: `state.py`; the trainer-facing
-calls: `context.py`; communication accounting: `comm_stats.py`.
+calls: `context.py`; communication accounting: `comm_stats.py`; a vocab-sharded head's token
+log-probs: `vocab_parallel.py`; code run as a wrapped module's forward and frozen FSDP weight
+snapshots (DPO's reference): `reference.py`.
 """
 from .context import ParallelContext, ParallelOptions, options_from_config
 from .dims import MESH_DIMS, ParallelDims, build_mesh, dims_from_config, resolve_dims

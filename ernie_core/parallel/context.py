@@ -79,15 +79,6 @@ class ParallelContext:
         dims = dims_from_config(cfg, world_size)
         return cls(dims, options_from_config(cfg), rank=rank, device=device)
 
-    def check_objective(self, name: str) -> None:
-        """Layouts the objective can run under. SFT: all. DPO: all but pipeline parallelism (its loss
-        runs through the model's forward hooks and a vocab-parallel head, see train/dpo.py; the
-        pipeline schedule computes the SFT loss on the last stage only)."""
-        if name != "SFT" and self.pipelined:
-            raise ConfigError(f"pipeline_parallel_degree={self.dims.pp} with stage: {name} is not supported (the "
-                              "pipeline schedule computes the SFT loss on the last stage only); use "
-                              "tensor_parallel_degree, data parallelism or sharding instead")
-
     # ------------------------------------------------------------------ coordinates
     @property
     def is_main(self) -> bool:
@@ -148,9 +139,6 @@ class ParallelContext:
         from .pipeline import split_model, stage_bounds
 
         o = self.opts
-        if model.runtime.use_sparse_head_and_loss_fn:
-            raise ConfigError("use_sparse_head_and_loss_fn with pipeline_parallel_degree > 1 is not supported yet; "
-                              "set it to false (the last stage computes the full-vocabulary loss)")
         bounds = stage_bounds(model.config.num_hidden_layers, self.dims.pp * o.virtual_pp_degree, o.pp_seg_method,
                               o.add_tail_layers)
         return split_model(model, self._coord("pp"), self.dims.pp, bounds)
@@ -242,13 +230,13 @@ class ParallelContext:
             for root in self._roots:
                 set_micro_batch(root, self.dims.sharding_stage, enabled)
 
-    def pipeline_loss_step(self, micro_batches: list[dict]) -> tuple[float, int, dict]:
-        loss = self.runner.train_step(micro_batches)
+    def pipeline_loss_step(self, objective, micro_batches: list[dict]) -> tuple[float, int, dict]:
+        loss, metrics = self.runner.train_step(objective, micro_batches)
         tokens = sum(int(mb["num_tokens"]) for mb in micro_batches)
-        return self.reduce_step_stats(loss, tokens, {})
+        return self.reduce_step_stats(loss, tokens, metrics)
 
-    def pipeline_eval_loss(self, batch: dict) -> torch.Tensor:
-        return self.runner.eval_loss(batch)
+    def pipeline_eval_loss(self, objective, batch: dict) -> tuple[torch.Tensor, dict]:
+        return self.runner.eval_step(objective, batch)
 
     def reduce_step_stats(self, loss: float, tokens: int, metrics: dict) -> tuple[float, int, dict]:
         """Mean loss/metrics and total tokens over the data-parallel replicas."""

@@ -1,9 +1,18 @@
 """Pipeline parallelism: split the plain model into stages, run them with torch.distributed.pipelining.
 
 Layers are split by `pp_seg_method` into `pp x virtual_pp_degree` stages; stage s lives on pipeline
-rank s % pp (the interleaved layout torch's multi-stage schedules expect). The embedding rides
-with the first stage, the final norm + LM head with the last. `add_tail_layers` appends empty
-(identity) layers that count in the split, so uneven layer counts can still give equal stages.
+rank s % pp (the interleaved layout torch's multi-stage schedules expect). `add_tail_layers` adds
+empty layer indices that count in the split (they hold nothing), so uneven layer counts can still
+give equal stages.
+
+A stage is the model itself with the pieces it does not own removed (`stage_module`, the way
+torchtitan does it): the model's layers live in an `nn.ModuleDict` keyed by index, a stage keeps
+its range of them, the first stage the embedding, the last the final norm and LM head, and the
+model's forward skips whatever is missing. So every stage runs the single-process code for the
+forward, recompute and dropout, and the last stage's loss is the model's own head-and-loss path
+(dense, fused or sparse head; vocab-parallel under tensor parallelism). What the last stage
+computes comes from the objective (SFT: the model's loss; DPO: the scored rows' log-probs), see
+`PipelineRunner`.
 
 Each rank keeps only its stages' modules in a `PipelinedModel`, registered under the full model's
 names (`model.layers.7.mlp.up_proj.weight`, ...), so optimizer groups, checkpoints and logs see the
@@ -12,17 +21,19 @@ its LM head; the two copies get the sum of both gradients every step, so they st
 """
 from __future__ import annotations
 
+import contextlib
+import copy
+import functools
 import re
+import warnings
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
 from .dims import parse_option_list
-
-IGNORE_INDEX = -100
+from .reference import forward_replaced, run_as_forward
 
 # pipeline_parallel_config options (ERNIEKit names) and what they mean here.
 PP_OPTIONS = {
@@ -87,83 +98,65 @@ def stage_bounds(num_layers: int, num_stages: int, seg_method, add_tail_layers: 
     return out
 
 
-class EmptyLayer(nn.Module):
-    """An identity layer (`add_tail_layers`): it only shifts where the split falls."""
+def _shell(module: nn.Module) -> nn.Module:
+    """A second module object of the same class sharing `module`'s children, parameters, buffers and
+    attributes; its own registries (children, hooks, ...), so removing a child from it or wrapping
+    it (FSDP) leaves `module` as it is."""
+    out = copy.copy(module)
+    for key, value in list(vars(out).items()):
+        if isinstance(value, (dict, set)):
+            vars(out)[key] = copy.copy(value)
+    return out
 
-    def __init__(self, layer_idx: int):
-        super().__init__()
-        self.layer_idx = layer_idx
 
-    def forward(self, x, inputs):
-        return x
-
-
-class PipelineChunk(nn.Module):
-    """One pipeline stage: [embedding] + layers[start:end] + [norm + LM head].
-
-    forward(x, position_ids, attn_mask_startend_row_indices): x is input_ids [B,S] on the first
-    stage, else the hidden state [B,S(/tp under SP),H]; returns hidden, or logits on the last stage."""
-
-    def __init__(self, embed, layers: nn.ModuleDict, norm, lm_head, runtime):
-        super().__init__()
-        self.model = nn.Module()
-        if embed is not None:
-            self.model.embed_tokens = embed
-        self.model.layers = layers
-        if norm is not None:
-            self.model.norm = norm
-        if lm_head is not None:
-            self.lm_head = lm_head
-        self.runtime = runtime
-        self.is_first, self.is_last = embed is not None, lm_head is not None
-
-    def forward(self, x, position_ids, attn_mask_startend_row_indices=None):
-        from ..models.ernie4_5 import _checkpoint, build_attention_inputs
-
-        # build_attention_inputs only reads the [B, S] shape and device of its ids argument.
-        inputs = build_attention_inputs(self.runtime.attention_mode, position_ids, position_ids,
-                                        attn_mask_startend_row_indices)
-        if self.is_first:
-            x = self.model.embed_tokens(x)
-        full = self.runtime.recomputes("full") and self.training
-        for layer in self.model.layers.values():
-            if full and not isinstance(layer, EmptyLayer):  # same recompute as Ernie4_5Model.forward
-                x = _checkpoint(layer, x, inputs, reentrant=self.runtime.recompute_use_reentrant)
-            else:
-                x = layer(x, inputs)
-        if self.is_last:
-            x = self.lm_head(self.model.norm(x))
-        return x
+def stage_module(full, start: int, end: int, *, first: bool, last: bool):
+    """Pipeline stage [start, end) of `full`: the model with the pieces the stage does not own removed
+    (torchtitan's layout). The layers outside the range are dropped from `model.layers` (indices past
+    the model's layers are `add_tail_layers`, which own nothing); the embedding is kept by the first
+    stage only, the final norm and LM head by the last. The stage's forward is the model's: it takes
+    the previous stage's hidden state without an embedding and returns its hidden state without a
+    head, and the last stage computes the loss with the model's own head-and-loss path."""
+    stage = _shell(full)
+    stage.model = _shell(full.model)
+    stage.model.layers = nn.ModuleDict({k: m for k, m in full.model.layers.items() if start <= int(k) < end})
+    if not first:
+        stage.model.embed_tokens = None
+    if not last:
+        stage.model.norm = None
+        stage.lm_head = None
+    return stage
 
 
 class PipelinedModel(nn.Module):
-    """This rank's stages, under the full model's parameter names; `chunks` in stage order."""
+    """This rank's stages, under the full model's parameter names; `chunks` are the stage modules
+    (shells of the model, see stage_module) in stage order."""
 
-    def __init__(self, full, chunks: list[PipelineChunk], stage_ids: list[int], num_stages: int):
+    def __init__(self, full, chunks: list[nn.Module], stage_ids: list[int], num_stages: int):
         super().__init__()
         self.config, self.runtime = full.config, full.runtime
         self.model = nn.Module()
         self.model.layers = nn.ModuleDict()
         for c in chunks:
             for name in ("embed_tokens", "norm"):
-                if hasattr(c.model, name):
+                if getattr(c.model, name) is not None:
                     setattr(self.model, name, getattr(c.model, name))
             self.model.layers.update(c.model.layers)
-            if c.is_last:
+            if c.lm_head is not None:
                 self.lm_head = c.lm_head
         # A plain list: the chunks share the modules registered above (no second set of names).
         self.__dict__["chunks"] = chunks
         self.stage_ids, self.num_stages = stage_ids, num_stages
-        self.num_layers = full.config.num_hidden_layers
+
+    def train(self, mode: bool = True):
+        """Also the stage modules themselves (not registered here): their forward reads `training`."""
+        super().train(mode)
+        for c in self.chunks:
+            c.train(mode)
+        return self
 
     def set_dropout(self, hidden_p: float, attn_p: float) -> None:
-        """Same rule as the full model (§12.4): layer l uses p * l / L."""
-        for layer in self.model.layers.values():
-            if isinstance(layer, EmptyLayer):
-                continue
-            scale = layer.layer_idx / self.num_layers
-            layer.hidden_dropout_p = float(hidden_p) * scale
-            layer.self_attn.dropout_p = float(attn_p) * scale
+        for c in self.chunks:
+            c.set_dropout(hidden_p, attn_p)
 
     def forward(self, *args, **kwargs):
         raise RuntimeError("a pipelined model runs through its schedule (PipelineRunner), not model(...)")
@@ -173,39 +166,32 @@ def split_model(full, pp_rank: int, pp: int, bounds: list[tuple[int, int]]) -> P
     """Keep the stages of `pp_rank` (stage s on rank s % pp); the other layers are dropped."""
     num_stages = len(bounds)
     tied = full.lm_head.weight is full.model.embed_tokens.weight
+    # torch's schedules get a stage's input gradient from autograd.grad(inputs=...), which reentrant
+    # checkpointing cannot serve; the non-reentrant recompute runs the same code and gives the same values.
+    full.runtime.recompute_use_reentrant = False
     stage_ids = list(range(pp_rank, num_stages, pp))
     chunks = []
     for s in stage_ids:
-        start, end = bounds[s]
-        layers = nn.ModuleDict({str(i): full.model.layers[str(i)] if str(i) in full.model.layers else EmptyLayer(i)
-                                for i in range(start, end)})
         first, last = s == 0, s == num_stages - 1
-        lm_head = None
-        if last:
-            lm_head = full.lm_head
-            if tied:  # its own copy: the embedding lives on another rank (see sync_tied_grads)
-                embed = full.model.embed_tokens.weight
-                lm_head.weight = nn.Parameter(embed.detach().clone(), requires_grad=embed.requires_grad)
-        chunks.append(PipelineChunk(full.model.embed_tokens if first else None, layers,
-                                    full.model.norm if last else None, lm_head, full.runtime))
+        stage = stage_module(full, *bounds[s], first=first, last=last)
+        if last and tied:  # its own copy: the embedding lives on another rank (see sync_tied_grads)
+            embed = full.model.embed_tokens.weight
+            stage.lm_head = _shell(full.lm_head)
+            stage.lm_head.weight = nn.Parameter(embed.detach().clone(), requires_grad=embed.requires_grad)
+        chunks.append(stage)
     return PipelinedModel(full, chunks, stage_ids, num_stages)
 
 
-def pipeline_loss(logits, labels, *, scale: float = 1.0):
-    """Mean fp32 CE over labelled positions (the model's head_and_loss), times `scale`."""
-    from torch.distributed.tensor import DTensor
-
-    loss_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
-    n = (labels != IGNORE_INDEX).sum().clamp(min=1).to(torch.float32)
-    loss = loss_sum / n
-    if isinstance(loss, DTensor):
-        loss = loss.to_local()
-    return loss * scale
-
-
 class PipelineRunner:
-    """Runs training steps and eval forwards of a PipelinedModel with a torch schedule."""
+    """Runs training steps and forward-only passes of a PipelinedModel with a torch schedule.
+
+    What a stage computes comes from the objective (train/sft.py, train/dpo.py):
+    `stage_forward(stage, x, batch)` runs as each stage module's forward (x: token ids on the first
+    stage, the received hidden state on the others; the last stage returns what the loss needs),
+    `stage_loss(output, batch, index) -> (loss, metrics)` runs on the last stage per micro-batch, and
+    `before_pipeline_step(runner, micro_batches)` runs first (DPO: a no-grad pass for the reference).
+    The schedule splits only the micro-batch index; each stage reads its micro-batch from the
+    step's list, so micro-batches may hold tensors of different lengths (packed DPO pairs)."""
 
     def __init__(self, model: PipelinedModel, pp_group, *, n_microbatches: int, device, options: set[str],
                  loss_context, tied_group=None, schedule: str | None = None):
@@ -218,16 +204,13 @@ class PipelineRunner:
         self.delay_scale = "enable_delay_scale_loss" in options
         self.stages = [PipelineStage(c, s, model.num_stages, device, group=pp_group)
                        for c, s in zip(model.chunks, model.stage_ids)]
-        scale = 1.0 if self.delay_scale else 1.0 / n_microbatches
-
-        def loss_fn(logits, labels):
-            return pipeline_loss(logits, labels, scale=scale)
-
-        common = dict(n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=self.delay_scale)
+        self.scale = 1.0 if self.delay_scale else 1.0 / n_microbatches
+        self._step = None  # (objective, micro-batches, per-micro-batch metrics) while a step runs
+        common = dict(n_microbatches=n_microbatches, loss_fn=self._loss, scale_grads=self.delay_scale)
         if n_microbatches < self.pp and dist.get_rank() == 0:
-            print(f"warning: gradient_accumulation_steps={n_microbatches} < pipeline_parallel_degree={self.pp}: "
-                  "every step is mostly pipeline bubble (GPipe schedule); raise gradient_accumulation_steps",
-                  flush=True)
+            warnings.warn(f"gradient_accumulation_steps={n_microbatches} < pipeline_parallel_degree={self.pp}: "
+                          "every step is mostly pipeline bubble (GPipe schedule); raise gradient_accumulation_steps",
+                          stacklevel=2)
         if n_microbatches < self.pp:
             schedule = "gpipe"  # 1F1B needs at least one micro-batch per stage
         try:
@@ -244,18 +227,37 @@ class PipelineRunner:
         self.has_last = any(s.is_last for s in self.stages)
         self.last_rank = dist.get_global_rank(pp_group, (model.num_stages - 1) % self.pp)
 
-    def train_step(self, micro_batches: list[dict]) -> float:
+    def _loss(self, output, index):
+        objective, batches, metrics = self._step
+        i = int(index)
+        loss, metrics[i] = objective.stage_loss(output, batches[i], i)  # by index: torch's metadata pass reruns 0
+        return loss * self.scale
+
+    @contextlib.contextmanager
+    def _stage_forwards(self, objective, batches: list[dict]):
+        """Each stage module's forward becomes objective.stage_forward on the micro-batch it is given."""
+        def forward_of(chunk):
+            return lambda x, mb: _local_output(objective.stage_forward(chunk, x, batches[int(mb)]))
+
+        with contextlib.ExitStack() as stack:
+            for c in self.model.chunks:
+                stack.enter_context(forward_replaced(c, forward_of(c)))
+            yield
+
+    def train_step(self, objective, micro_batches: list[dict]) -> tuple[float, dict]:
         """Forward + backward of all micro-batches (one optimizer step's worth); returns the mean of the
-        micro-batch losses, on every pipeline rank."""
-        batch = {k: torch.cat([mb[k] for mb in micro_batches]) for k in
-                 ("input_ids", "labels", "position_ids", "attn_mask_startend_row_indices")}
-        losses: list = []
-        args = (batch["input_ids"],) if self.has_first else ()
-        with self.loss_context():
-            self.schedule.step(*args, target=batch["labels"] if self.has_last else None,
-                               losses=losses if self.has_last else None, return_outputs=False,
-                               position_ids=batch["position_ids"],
-                               attn_mask_startend_row_indices=batch["attn_mask_startend_row_indices"])
+        micro-batch losses and of the objective's metrics, on every pipeline rank."""
+        objective.before_pipeline_step(self, micro_batches)
+        index = torch.arange(len(micro_batches), device=self.device)
+        losses, metrics = [], {}
+        args = (torch.cat([mb["input_ids"] for mb in micro_batches]),) if self.has_first else ()
+        self._step = (objective, micro_batches, metrics)
+        try:
+            with self.loss_context(), self._stage_forwards(objective, micro_batches):
+                self.schedule.step(*args, target=index if self.has_last else None,
+                                   losses=losses if self.has_last else None, return_outputs=False, mb=index)
+        finally:
+            self._step = None
         self.match_grad_layouts()
         self.sync_tied_grads()
         value = torch.zeros((), dtype=torch.float32, device=self.device)
@@ -263,8 +265,50 @@ class PipelineRunner:
             value += torch.stack([torch.as_tensor(x).detach().float() for x in losses]).sum()
             if self.delay_scale:
                 value /= len(losses)
+        return self._from_last(value, _mean_metrics(list(metrics.values())))
+
+    def _from_last(self, value: torch.Tensor, metrics: dict) -> tuple[float, dict]:
+        """The last stage's loss and metrics on every pipeline rank."""
         dist.broadcast(value, src=self.last_rank, group=self.group)
-        return float(value)
+        box = [metrics if self.has_last else None]
+        dist.broadcast_object_list(box, src=self.last_rank, group=self.group, device=self.device)
+        return float(value), box[0]
+
+    @torch.no_grad()
+    def forward_only(self, model: PipelinedModel, objective, batches: list[dict]) -> list:
+        """No-grad forward of every micro-batch through the stages of `model` (this runner's model or a
+        frozen copy laid out the same way), in stage order with plain send/recv. Returns the last
+        stage's outputs (objective.stage_forward) on the rank that holds it, [] elsewhere."""
+        outs = []
+        last = model.num_stages - 1
+        for batch in batches:
+            x = batch["input_ids"]
+            for s in range(model.num_stages):
+                if s % self.pp != self.pp_rank:
+                    continue
+                chunk = model.chunks[model.stage_ids.index(s)]
+                if s > 0:
+                    x = _recv_tensor(dist.get_global_rank(self.group, (s - 1) % self.pp), self.group, self.device)
+                x = _local_output(run_as_forward(chunk, functools.partial(objective.stage_forward, chunk, batch=batch), x))
+                if s < last:
+                    _send_tensor(x, dist.get_global_rank(self.group, (s + 1) % self.pp), self.group)
+            if self.has_last:
+                outs.append(x)
+        return outs
+
+    @torch.no_grad()
+    def eval_step(self, objective, batch: dict) -> tuple[torch.Tensor, dict]:
+        """The objective's loss and metrics of one batch (forward only), on every pipeline rank."""
+        objective.before_pipeline_step(self, [batch])
+        with self.loss_context():
+            outs = self.forward_only(self.model, objective, [batch])
+            loss = torch.zeros((), dtype=torch.float32, device=self.device)
+            metrics = {}
+            if self.has_last:
+                value, metrics = objective.stage_loss(outs[0], batch, 0)
+                loss += value.detach().float()
+        value, metrics = self._from_last(loss, metrics)
+        return torch.tensor(value), metrics
 
     @torch.no_grad()
     def match_grad_layouts(self) -> None:
@@ -290,28 +334,17 @@ class PipelineRunner:
         from .tensor_parallel import _local
         dist.all_reduce(_local(p.grad), group=self.tied_group)
 
-    @torch.no_grad()
-    def eval_loss(self, batch: dict) -> torch.Tensor:
-        """Forward only over the stages, in order, with plain send/recv; the loss on every rank."""
-        x = batch["input_ids"]
-        pos, mask = batch["position_ids"], batch.get("attn_mask_startend_row_indices")
-        out = None
-        for s in range(self.model.num_stages):
-            owner = s % self.pp
-            if owner != self.pp_rank:
-                continue
-            chunk = self.model.chunks[self.model.stage_ids.index(s)]
-            if s > 0:
-                x = _recv_tensor(dist.get_global_rank(self.group, (s - 1) % self.pp), self.group, self.device)
-            out = chunk(x, pos, mask)
-            if s < self.model.num_stages - 1:
-                _send_tensor(out, dist.get_global_rank(self.group, (s + 1) % self.pp), self.group)
-        loss = torch.zeros((), dtype=torch.float32, device=self.device)
-        if self.has_last:
-            with self.loss_context():
-                loss += pipeline_loss(out, batch["labels"])
-        dist.broadcast(loss, src=self.last_rank, group=self.group)
-        return loss
+
+def _local_output(t):
+    """Stages exchange plain tensors: a replicated DTensor (the vocab-parallel loss) becomes its local value."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _mean_metrics(metrics: list[dict]) -> dict:
+    keys = sorted({k for m in metrics for k in m})
+    return {k: sum(float(m[k]) for m in metrics) / len(metrics) for k in keys}
 
 
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -350,5 +383,5 @@ def tied_embedding_group(mesh, pp: int):
     return mine
 
 
-__all__ = ["PP_OPTIONS", "EmptyLayer", "PipelineChunk", "PipelinedModel", "PipelineRunner",
-           "parse_pp_options", "pipeline_loss", "split_model", "stage_bounds", "tied_embedding_group"]
+__all__ = ["PP_OPTIONS", "PipelinedModel", "PipelineRunner", "parse_pp_options", "split_model", "stage_bounds",
+           "stage_module", "tied_embedding_group"]

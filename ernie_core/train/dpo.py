@@ -6,13 +6,18 @@ pairs except `kto_pair`, whose KL terms are means over the N pairs given.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from ..parallel.pipeline import PipelinedModel
+from ..parallel.reference import ShardSnapshot, fsdp_modules, local_pieces_from_checkpoint, run_as_forward
+from ..parallel.tensor_parallel import _local
+from ..parallel.vocab_parallel import vocab_parallel_token_logps, vocab_sharded
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "dpop", "kto_pair", "sppo_hard", "nca_pair", "or", "orpo")
 # These compare per-token means π/L instead of sums (§7.1).
@@ -117,70 +122,11 @@ def _token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
     return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
-class _SumOverGroup(torch.autograd.Function):
-    """All-reduce (sum) in forward, identity in backward: every rank then computes the same loss from
-    the sum, so each rank's local addend gets that loss's gradient once (Megatron's `g`)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        x = x.clone()
-        dist.all_reduce(x, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-class _CopyToGroup(torch.autograd.Function):
-    """Identity in forward, all-reduce (sum) of the gradient in backward (Megatron's `f`): a
-    replicated input feeding a vocab-sharded head gets the sum of every rank's partial gradient."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-def _vocab_sharded(weight) -> bool:
-    """A tensor-parallel LM head: a DTensor split on the vocab dim over a 1-D mesh."""
-    from torch.distributed.tensor import DTensor, Shard
-
-    return (isinstance(weight, DTensor) and weight.device_mesh.ndim == 1 and len(weight.placements) == 1
-            and isinstance(weight.placements[0], Shard) and weight.placements[0].dim == 0)
-
-
-def _vocab_parallel_token_logps(hidden: torch.Tensor, weight, targets: torch.Tensor) -> torch.Tensor:
-    """_token_logps for a vocab-sharded head (tensor parallelism): each rank scores the rows against
-    its vocab slice; the softmax max, the sum of exponentials and the target logit are reduced over
-    the TP group, so no rank ever holds [N, V] logits or the whole head. Same values as the plain head."""
-    mesh = weight.device_mesh
-    group, rank = mesh.get_group(), mesh.get_local_rank()
-    local_w = weight.to_local()  # backward: the gradient of this rank's vocab rows
-    logits = F.linear(_CopyToGroup.apply(hidden, group), local_w).float()  # [N, V/tp]
-    v_local = logits.shape[-1]
-    lo = rank * v_local
-    m = logits.detach().max(dim=-1).values
-    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)  # a constant shift: no gradient through it
-    shifted = logits - m.unsqueeze(-1)
-    sum_exp = _SumOverGroup.apply(shifted.exp().sum(dim=-1), group)
-    mine = (targets >= lo) & (targets < lo + v_local)
-    picked = shifted.gather(-1, (targets - lo).clamp(0, v_local - 1).unsqueeze(-1)).squeeze(-1)
-    target_logit = _SumOverGroup.apply(torch.where(mine, picked, torch.zeros_like(picked)), group)
-    return target_logit - sum_exp.log()
-
-
 def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 0) -> torch.Tensor:
     """[N] fp32 token log-probs. With chunk > 0 the head runs `chunk` rows at a time and, under
     autograd, recomputes each chunk's logits in backward, so [N, V] logits never exist at once.
-    A vocab-sharded head (tensor parallelism) runs vocab-parallel (_vocab_parallel_token_logps)."""
-    fn = _vocab_parallel_token_logps if _vocab_sharded(weight) else _token_logps
+    A vocab-sharded head (tensor parallelism) runs vocab-parallel (parallel/vocab_parallel.py)."""
+    fn = vocab_parallel_token_logps if vocab_sharded(weight) else _token_logps
     n = hidden.shape[0]
     if chunk <= 0 or n <= chunk:
         return fn(hidden, weight, targets)
@@ -194,9 +140,10 @@ def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     return torch.cat(parts)
 
 
-def _pair_logps(model, batch: dict, chunk: int) -> torch.Tensor:
-    """[chosen sums | rejected sums], 2 x num_pairs."""
-    hidden = model.model(batch["input_ids"], batch["position_ids"], batch["attn_mask_startend_row_indices"])
+def scored_pair_sums(model, hidden: torch.Tensor, batch: dict, chunk: int = 0) -> torch.Tensor:
+    """[chosen sums | rejected sums], 2 x num_pairs, from the final hidden state [B,S,H] of one packed
+    micro-batch: only the scored positions (a compact list, the prompt's last position twice) go
+    through the LM head (ERNIE's sparse head for preference pairs)."""
     flat = hidden.reshape(-1, hidden.shape[-1])
     k = int(batch["num_pairs"])
     rows = flat.index_select(0, torch.cat([batch["chosen_index"], batch["rejected_index"]]))
@@ -206,40 +153,22 @@ def _pair_logps(model, batch: dict, chunk: int) -> torch.Tensor:
     return torch.zeros(2 * k, dtype=torch.float32, device=logp.device).index_add(0, owner, logp)
 
 
-def run_as_forward(model, fn, *args):
-    """fn(*args) run as `model`'s forward: through model.__call__, so whatever a parallel layout hung
-    on the model's forward runs around it -- FSDP2/replicate gather the root's parameters (embedding,
-    final norm, tied head) before and register their gradient reduction after; a plain model has
-    no hooks and this is just fn(*args)."""
-    model.forward = fn  # instance attribute: shadows the class's forward for this one call
-    try:
-        return model(*args)
-    finally:
-        del model.forward
+def pair_stage_forward(model, x, batch: dict, chunk: int = 0) -> torch.Tensor:
+    """The model (or a pipeline stage of it) on one packed micro-batch: the decoder runs once per row;
+    with the LM head, the result is scored_pair_sums, without it the hidden state for the next stage."""
+    hidden = model.model(x, batch["position_ids"], batch["attn_mask_startend_row_indices"])
+    if model.lm_head is None:
+        return hidden
+    return scored_pair_sums(model, hidden, batch, chunk)
 
 
 def pair_logps(model, batch: dict, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen, rejected) summed log-probs [num_pairs] of one packed micro-batch: the decoder runs
-    once per row, and only the scored positions (a compact list, the prompt's last position twice)
-    go through the LM head (ernie_reference §4.2 sparse head). Works on the plain model and on the
-    data-parallel / sharded / tensor-parallel one (run_as_forward, vocab-parallel head)."""
-    sums = run_as_forward(model, lambda b, c: _pair_logps(model, b, c), batch, chunk)
+    """(chosen, rejected) summed log-probs [num_pairs] of one packed micro-batch. Works on the plain
+    model and on the data-parallel / sharded / tensor-parallel one: it runs as the model's forward
+    (parallel/reference.py run_as_forward), with a vocab-parallel head under tensor parallelism."""
+    sums = run_as_forward(model, lambda b, c: pair_stage_forward(model, b["input_ids"], b, c), batch, chunk)
     k = int(batch["num_pairs"])  # split outside: a wrapper's backward hook sits on the whole output
     return sums[:k], sums[k:]
-
-
-def _fsdp_modules(model) -> list:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch without FSDP2
-        return []
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return t._local_tensor if isinstance(t, DTensor) else t
 
 
 def _lengths(batch: dict, side: str) -> torch.Tensor:
@@ -268,7 +197,8 @@ class DPOObjective:
         self.ref_model_update_steps = ref_model_update_steps
         self.ref_path, self.ref_dtype, self.head_chunk = ref_path, ref_dtype, head_chunk
         self.ref_model = None  # full DPO: built at the first loss call
-        self._ref_shards = None  # full DPO on an FSDP-wrapped policy: the reference's local shards
+        self._ref_shards = None  # full DPO on an FSDP-wrapped policy: a ShardSnapshot of the reference
+        self._pp_ref = None  # under pipeline parallelism: the reference's pair sums of the step's micro-batches
 
     @classmethod
     def from_config(cls, cfg) -> "DPOObjective":
@@ -285,13 +215,7 @@ class DPOObjective:
     # -- data
     def validate(self, cfg, tok) -> None:
         from ..data.dpo import validate_preference_datasets
-        from ..errors import ConfigError
 
-        if cfg.dist.pipeline_parallel_degree > 1:
-            raise ConfigError(f"pipeline_parallel_degree={cfg.dist.pipeline_parallel_degree} with stage: DPO is not "
-                              "supported (the preference loss needs the reference and policy log-probs of whole "
-                              "pairs, which the pipeline schedule's per-stage SFT loss cannot express); use "
-                              "tensor_parallel_degree, data parallelism or sharding instead")
         validate_preference_datasets(cfg)
 
     def build_stream(self, cfg, tok, *, dp_rank: int, dp_world: int):
@@ -313,10 +237,15 @@ class DPOObjective:
     def _reference(self, model):
         """The frozen reference of full DPO, in the compute dtype, no grads, never in an optimizer.
         Its weights come from model_name_or_path (so a resumed run gets the same reference), or,
-        for a freshly initialised policy, from the policy before its first update."""
+        for a freshly initialised policy, from the policy before its first update. Under pipeline
+        parallelism it is a copy of this rank's stages, laid out like them."""
         if self.ref_model is None:
             ref = copy.deepcopy(model)
-            if self.ref_path is not None:
+            if self.ref_path is not None and isinstance(ref, PipelinedModel):
+                with torch.no_grad():
+                    for p, t in zip(ref.parameters(), local_pieces_from_checkpoint(ref, self.ref_path)):
+                        _local(p).copy_(t)
+            elif self.ref_path is not None:
                 from ..models.io import iter_hf_tensors, load_hf_tensors
 
                 load_hf_tensors(ref, iter_hf_tensors(Path(self.ref_path), ref.config), self.ref_path)
@@ -328,62 +257,45 @@ class DPOObjective:
             self.ref_model = ref.eval()
         return self.ref_model
 
-    def _reference_shards(self, model) -> list[torch.Tensor]:
+    def _reference_shards(self, model) -> ShardSnapshot:
         """Full DPO on an FSDP-wrapped policy (dp = `replicate`, sharding stage2/3), which cannot be
-        deep-copied: the reference is kept as this rank's local shards of every parameter (plain
-        tensors in the reference dtype, in model.parameters() order, never seen by the optimizer),
-        sharded exactly like the policy, so stage3 holds 1/N of it per rank."""
+        deep-copied: the reference is this rank's local shards of every parameter, sharded exactly
+        like the policy (stage3 holds 1/N of it per rank), swapped into the policy for its pass."""
         if self._ref_shards is None:
-            params = list(model.parameters())
             if self.ref_path is not None:
-                locals_ = _shards_from_checkpoint(model, params, self.ref_path)
+                self._ref_shards = ShardSnapshot.from_checkpoint(model, self.ref_path, self.ref_dtype)
             else:
-                locals_ = [_local(p).detach() for p in params]
-            dtype = self.ref_dtype
-            self._ref_shards = [t.to(dtype=dtype or t.dtype, copy=True) for t in locals_]
+                self._ref_shards = ShardSnapshot.of(model, self.ref_dtype)
         return self._ref_shards
 
-    def _fsdp_reference_logps(self, model, batch: dict):
-        """The policy runs with the reference's shards swapped into its own (eval mode, no grad), then
-        gets its weights back: every FSDP module is resharded before (so its next gather reads the
-        swapped shards, not parameters left gathered by stage2) and after (so the policy's next
-        forward gathers its own weights again). Costs one copy of the local shards each way."""
-        modules = _fsdp_modules(model)
-        for m in modules:  # first: a gathered module registers its (temporary) full parameters instead
-            m.reshard()
-        shards = self._reference_shards(model)
-        params = [_local(p) for p in model.parameters()]
-        backup = [t.clone() for t in params]
+    @contextlib.contextmanager
+    def reference_model(self, model):
+        """The model to run for the reference log-probs, in eval mode: the policy with adapters off
+        (LoRA DPO, no second copy), the policy with the reference's shards swapped in (FSDP), or the
+        frozen copy."""
+        from ..peft import adapters_disabled, lora_modules
+
+        if not lora_modules(model) and not fsdp_modules(model):
+            yield self._reference(model)
+            return
         was_training = model.training
+        model.eval()
         try:
-            for t, r in zip(params, shards):
-                t.copy_(r)
-            model.eval()
-            return pair_logps(model, batch, self.head_chunk)
+            if lora_modules(model):
+                with adapters_disabled(model):
+                    yield model
+            else:
+                with self._reference_shards(model).swapped_in(model):
+                    yield model
         finally:
-            for m in modules:
-                m.reshard()
-            for t, b in zip(params, backup):
-                t.copy_(b)
             model.train(was_training)
 
     @torch.no_grad()
     def reference_logps(self, model, batch: dict):
         if self.reference_free:
             return None, None
-        from ..peft import adapters_disabled, lora_modules
-
-        if lora_modules(model):  # LoRA DPO: the base is the reference (§7.4), no second copy
-            was_training = model.training
-            model.eval()
-            try:
-                with adapters_disabled(model):
-                    return pair_logps(model, batch, self.head_chunk)
-            finally:
-                model.train(was_training)
-        if _fsdp_modules(model):
-            return self._fsdp_reference_logps(model, batch)
-        return pair_logps(self._reference(model), batch, self.head_chunk)
+        with self.reference_model(model) as ref:
+            return pair_logps(ref, batch, self.head_chunk)
 
     # -- loss
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -391,6 +303,11 @@ class DPOObjective:
         metrics: rewards/{chosen,rejected,accuracy,margin}, logps/{chosen,rejected}."""
         ref_c, ref_r = self.reference_logps(model, batch)
         pol_c, pol_r = pair_logps(model, batch, self.head_chunk)
+        return self.pair_loss(pol_c, pol_r, ref_c, ref_r, batch)
+
+    def pair_loss(self, pol_c, pol_r, ref_c, ref_r, batch: dict) -> tuple[torch.Tensor, dict]:
+        """The loss and metrics of one micro-batch from its summed log-probs [num_pairs] (ref None when
+        reference-free)."""
         len_c, len_r = _lengths(batch, "chosen"), _lengths(batch, "rejected")
         raw_c, raw_r = pol_c, pol_r
         if self.normalize_logps and self.loss_type not in MEAN_LOGP_TYPES:
@@ -413,6 +330,31 @@ class DPOObjective:
         metrics["logps/rejected"] = float(raw_r.detach().mean())
         return loss, metrics
 
+    # -- pipeline parallelism (parallel/pipeline.py PipelineRunner)
+    def stage_forward(self, model, x, batch: dict):
+        """One pipeline stage on a packed micro-batch: the hidden state, or on the last stage the
+        scored rows' summed log-probs [2 x num_pairs]."""
+        return pair_stage_forward(model, x, batch, self.head_chunk)
+
+    def before_pipeline_step(self, runner, micro_batches: list[dict]) -> None:
+        """The reference's pair sums of every micro-batch: one no-grad pass through the pipeline's
+        stages (adapters off under LoRA, the reference's shards under FSDP, else the frozen copy
+        of this rank's stages), kept on the last stage for stage_loss."""
+        self._pp_ref = None
+        if self.reference_free:
+            return
+        with self.reference_model(runner.model) as ref:
+            self._pp_ref = runner.forward_only(ref, self, micro_batches)
+
+    def stage_loss(self, output, batch: dict, index: int) -> tuple[torch.Tensor, dict]:
+        """The DPO loss of micro-batch `index` on the last stage, from its policy pair sums (output)."""
+        k = int(batch["num_pairs"])
+        ref_c = ref_r = None
+        if self._pp_ref is not None:
+            ref = self._pp_ref[index]
+            ref_c, ref_r = ref[:k], ref[k:]
+        return self.pair_loss(output[:k], output[k:], ref_c, ref_r, batch)
+
     def on_step_end(self, trainer) -> None:
         """ref_model_update_steps = N > 0: the reference becomes a copy of the policy every N steps."""
         n = self.ref_model_update_steps
@@ -423,26 +365,4 @@ class DPOObjective:
                 for r, p in zip(self.ref_model.parameters(), trainer.model.parameters()):
                     r.copy_(p)
             if self._ref_shards is not None:
-                for m in _fsdp_modules(trainer.model):  # the sharded parameters are the registered ones
-                    m.reshard()
-                for r, p in zip(self._ref_shards, trainer.model.parameters()):
-                    r.copy_(_local(p))
-
-
-def _shards_from_checkpoint(model, params, path) -> list[torch.Tensor]:
-    """This rank's local pieces of the HF checkpoint at `path`, laid out like `params` (the policy's
-    possibly sharded DTensor parameters): a plain model is loaded, each full tensor is cut locally."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    from ..models import Ernie4_5ForCausalLM
-
-    plain = Ernie4_5ForCausalLM.from_pretrained(str(path))
-    full = dict(plain.named_parameters())
-    out = []
-    for (name, _), p in zip(model.named_parameters(), params):
-        t = full[name].detach().to(device=_local(p).device, dtype=p.dtype)
-        if isinstance(p, DTensor):  # no communication: every rank cuts its own piece
-            t = distribute_tensor(t, p.device_mesh, p.placements, src_data_rank=None).to_local()
-        out.append(t)
-    return out
-
+                self._ref_shards.refresh(trainer.model)

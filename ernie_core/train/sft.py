@@ -36,5 +36,21 @@ class SFTObjective:
                     labels=batch["labels"])
         return out.loss, {}
 
+    # -- pipeline parallelism (parallel/pipeline.py): a stage is the model minus what it does not own
+    def stage_forward(self, model, x, batch: dict):
+        """One pipeline stage: the model's own forward; the last stage returns the loss of its configured
+        head (dense, fused or sparse; vocab-parallel under tensor parallelism), the others their hidden state."""
+        from ..parallel.reference import module_forward
+
+        out = module_forward(model, x, batch["position_ids"], batch.get("attn_mask_startend_row_indices"),
+                             labels=batch["labels"])
+        return out if model.lm_head is None else out.loss
+
+    def stage_loss(self, output, batch: dict, index: int) -> tuple[torch.Tensor, dict]:
+        return output, {}
+
+    def before_pipeline_step(self, runner, micro_batches: list[dict]) -> None:
+        """Nothing to prepare: SFT needs no second model."""
+
     def on_step_end(self, trainer) -> None:
         """Hook after each optimizer step (DPO uses it to refresh its reference model)."""

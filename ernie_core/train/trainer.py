@@ -194,8 +194,9 @@ class Trainer:
         return {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
     def forward_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        if self.parallel.pipelined:  # the stages run the model; the last one computes the SFT loss
-            return self.parallel.pipeline_eval_loss(batch), {}
+        if self.parallel.pipelined:  # the stages run the model; the last one computes the objective's loss
+            with self.autocast():
+                return self.parallel.pipeline_eval_loss(self.objective, batch)
         with self.autocast(), self.parallel.loss_context():
             return self.objective.loss(self.model, batch)
 
@@ -205,7 +206,8 @@ class Trainer:
         accum = self.cfg.train.gradient_accumulation_steps
         if self.parallel.pipelined:  # the pipeline schedule runs all micro-batches of the step
             with self.autocast():
-                return self.parallel.pipeline_loss_step([self.to_device(next(self.stream)) for _ in range(accum)])
+                return self.parallel.pipeline_loss_step(self.objective,
+                                                        [self.to_device(next(self.stream)) for _ in range(accum)])
         total, tokens, metrics = 0.0, 0, {}
         for i in range(accum):
             batch = self.to_device(next(self.stream))
