@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from ..errors import ConfigError
 from .dims import ParallelDims, build_mesh, dims_from_config
+from .dtensor import local_tensor
 
 
 @dataclass
@@ -296,8 +297,6 @@ class ParallelContext:
     @torch.no_grad()
     def clip_grad_norm(self, model, max_norm: float) -> float:
         """Global L2 norm of all gradients (every shard counted once) and in-place clipping."""
-        from .tensor_parallel import _local
-
         if not self.dims.distributed:
             params = [p for p in model.parameters() if p.grad is not None]
             if max_norm and max_norm > 0:
@@ -309,7 +308,7 @@ class ParallelContext:
             sharding = (self.group("sharding"),)
             pairs = [(p, g, sharding + _shard_groups(p)) for p, g in self.zero.slice_grads()]
         else:
-            pairs = [(p, _local(p.grad), _shard_groups(p.grad)) for p in model.parameters() if p.grad is not None]
+            pairs = [(p, local_tensor(p.grad), _shard_groups(p.grad)) for p in model.parameters() if p.grad is not None]
         # The last stage's copy of a tied embedding has the embedding's gradient: count it once.
         total = _sq_sum([(g, groups) for p, g, groups in pairs if p is not self._tied_copy], self.device)
         if self.pipelined:

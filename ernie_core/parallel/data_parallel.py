@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .dims import parse_option_list
+from .dtensor import local_tensor
 
 SHARDING_OPTIONS = {
     "enable_stage1_overlap": "no-op: the stage1 all-gather is one bucketed collective after the update",
@@ -89,12 +90,6 @@ def set_micro_batch(root: nn.Module, stage: int, last: bool) -> None:
         root.set_reshard_after_backward(last)
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return t._local_tensor if isinstance(t, DTensor) else t
-
-
 class ZeroOneOptimizer:
     """ZeRO stage 1 over the sharding group: the optimizer only ever sees this rank's slices.
 
@@ -116,7 +111,7 @@ class ZeroOneOptimizer:
         return [{**g, "params": [self._slice_of(p) for p in g["params"]]} for g in groups]
 
     def _slice_of(self, p: nn.Parameter) -> nn.Parameter:
-        local = _local(p.data)
+        local = local_tensor(p.data)
         chunk = -(-local.numel() // self.n)  # ceil: the last rank's slice is zero-padded
         piece = nn.Parameter(self.local_slice(local, chunk))
         self.entries.append((p, piece, self.flat_size, chunk))
@@ -133,11 +128,11 @@ class ZeroOneOptimizer:
         """Average the step's gradients over all data-parallel ranks, straight into this rank's slices."""
         if not self.entries:
             return
-        first = _local(self.entries[0][0].data)
+        first = local_tensor(self.entries[0][0].data)
         send = torch.zeros(self.n, self.flat_size, dtype=first.dtype, device=first.device)
         for p, _, off, chunk in self.entries:
             if p.grad is not None:
-                send[:, off:off + chunk] = self._padded(_local(p.grad), chunk)
+                send[:, off:off + chunk] = self._padded(local_tensor(p.grad), chunk)
             p.grad = None  # the full gradient is not needed any more (stage1 keeps it only during backward)
         mine = torch.empty(self.flat_size, dtype=send.dtype, device=send.device)
         dist.reduce_scatter_tensor(mine, send.view(-1), group=self.group)
@@ -160,13 +155,13 @@ class ZeroOneOptimizer:
         dist.all_gather_into_tensor(full, mine, group=self.group)
         full = full.view(self.n, self.flat_size)
         for p, _, off, chunk in self.entries:
-            local = _local(p.data)
+            local = local_tensor(p.data)
             local.copy_(full[:, off:off + chunk].reshape(-1)[:local.numel()].view_as(local))
 
     @torch.no_grad()
     def full_local_state(self, piece_state: dict, p: nn.Parameter, chunk: int) -> dict:
         """One slice's AdamW state -> the state of the whole local parameter (all-gather over sharding)."""
-        local = _local(p.data)
+        local = local_tensor(p.data)
         out = {}
         for k, v in piece_state.items():
             if torch.is_tensor(v) and v.dim() > 0 and v.numel() == chunk:

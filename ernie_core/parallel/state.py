@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .dtensor import local_tensor
+
 FORMAT = "ernie_core.full_optimizer.v1"
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 _GROUP_KEYS_SKIP = ("params", "names")
@@ -155,9 +157,7 @@ def load_full_optimizer_state(optimizer, full: dict, *, zero=None, tied: bool) -
             if torch.is_tensor(v) and v.dim() > 0:
                 v = _local_like(v, model_param)
                 if zero is not None and chunk is not None:
-                    from .data_parallel import _local
-
-                    v = zero.local_slice(_local(v), chunk)
+                    v = zero.local_slice(local_tensor(v), chunk)
                 local[k] = v
             else:
                 local[k] = v.clone() if torch.is_tensor(v) else v

@@ -14,6 +14,7 @@ import math
 import re
 import weakref
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -71,13 +72,15 @@ class _ACache:
     def __init__(self):
         self.x, self.a, self.key, self.h = None, None, None, None
 
-    def get(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    def get(self, x: torch.Tensor, a: torch.Tensor, local=None) -> torch.Tensor:
+        """h = x Aᵀ; `local(a)`, when given, is the tensor this rank multiplies with (tensor parallel)."""
         autocast = torch.is_autocast_enabled(x.device.type)
         key = (x._version, a._version, torch.is_grad_enabled(), autocast)
         if self.x is not None and self.x() is x and self.a is a and self.key == key:
             return self.h
         xd = x.detach()
-        h = F.linear(xd if autocast else xd.to(a.dtype), a)
+        a_mm = a if local is None else local(a)
+        h = F.linear(xd if autocast else xd.to(a_mm.dtype), a_mm)
         self.x, self.a, self.key, self.h = weakref.ref(x), a, key, h
         return h
 
@@ -161,7 +164,14 @@ class LoRALinear(nn.Linear):
 
     lora_A [r, in] and lora_B [out, r] are kept in fp32 whatever the base dtype: they are the only
     trained weights, and the optimizer updates them in place.
+
+    `tp_view` (None on one process) is set by tensor parallelism (parallel/tensor_parallel.py): the
+    parameters are then DTensors and the view maps each to the local tensor this rank computes with
+    (`view.local(name, param)`), adding the gradient reduction a replicated factor needs. The forward
+    is the same math on those local pieces.
     """
+
+    tp_view = None
 
     def __init__(self, *args, **kwargs):  # built through `wrap`, never directly
         raise TypeError("use LoRALinear.wrap(linear, rank, scaling)")
@@ -187,10 +197,18 @@ class LoRALinear(nn.Linear):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        view = self.tp_view
+        if view is None:
+            weight, bias, lora_b, a_local = self.weight, self.bias, self.lora_B, None
+        else:
+            weight, bias = view.local("weight", self.weight), view.local("bias", self.bias)
+            lora_b = view.local("lora_B", self.lora_B)
+            a_local = partial(view.local, "lora_A")
         if not self.enabled:
-            return F.linear(x, self.weight, self.bias)
-        h = self._a_cache.get(x, self.lora_A)  # autograd op in A: a shared A's gradient accumulates
-        return lora_linear(x, self.weight, self.bias, h, self.lora_A, self.lora_B, self.scaling)
+            return F.linear(x, weight, bias)
+        h = self._a_cache.get(x, self.lora_A, a_local)  # autograd op in A: a shared A's gradient accumulates
+        lora_a = self.lora_A if view is None else view.local("lora_A", self.lora_A).detach()
+        return lora_linear(x, weight, bias, h, lora_a, lora_b, self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling · B A in fp32, [out, in]: what merging adds to `weight`."""
