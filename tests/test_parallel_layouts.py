@@ -48,6 +48,10 @@ LAYOUTS = {
     # beyond the list: FSDP over TP-sharded DTensors (2-D placements) with sequence parallel
     "tp2_stage3_sp": (4, "ref_accum4", ["tensor_parallel_degree=2", "sharding=stage3", "sequence_parallel=true"]),
     "pp2_lora": (2, "ref_lora", ["pipeline_parallel_degree=2", *LORA]),  # frozen tied embedding across stages
+    # LoRA under TP: replicated A + column-sharded B on q/k/v/gate/up, row-sharded A + replicated B on o/down
+    "tp2_lora": (2, "ref_lora", ["tensor_parallel_degree=2", *LORA]),
+    "tp2_sp_lora": (2, "ref_lora", ["tensor_parallel_degree=2", "sequence_parallel=true", *LORA]),
+    "pp2_tp2_lora": (4, "ref_lora", ["pipeline_parallel_degree=2", "tensor_parallel_degree=2", *LORA]),
     "pp2_tp2": (4, "ref_accum2", ["pipeline_parallel_degree=2", "tensor_parallel_degree=2", "pp_seg_method=[0,1,4]",
                                   "save_strategy=steps", "save_steps=5"]),
 }

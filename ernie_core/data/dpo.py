@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ernie_core.data.mixing import SourceCycler, epoch_counts, epoch_order, parse_sources
 from ernie_core.data.packing import iter_next_fit, pack_greedy
-from ernie_core.data.readers import _iter_json_array, _iter_jsonl, _read_bytes, _turn_list
+from ernie_core.data.readers import iter_rows, read_is_system, split_system, turn_list
 from ernie_core.errors import DataError
 
 DPO_TYPES = ("erniekit", "alpaca")
@@ -94,15 +94,13 @@ def parse_dpo_row(path, line: int, row) -> PreferenceExample:
     """Validate one erniekit DPO row (ernie_reference §4.1)."""
     if not isinstance(row, dict):
         raise DataError(path, line, f"row must be a JSON object, got {type(row).__name__}")
-    is_system = row.get("is_system", 0)
-    if is_system not in (0, 1, True, False):
-        raise DataError(path, line, f"'is_system' must be 0 or 1, got {is_system!r}")
-    src = _turn_list(path, line, row, "src")
+    is_system = read_is_system(path, line, row)
+    src = turn_list(path, line, row, "src")
     tgt_raw = row.get("tgt", [])
     if tgt_raw in ([], None):
         tgt = []
     else:
-        tgt = _turn_list(path, line, row, "tgt", skip_first=bool(is_system))
+        tgt = turn_list(path, line, row, "tgt", skip_first=is_system)
     if len(src) != len(tgt) + 1:
         raise DataError(path, line, f"'src' has {len(src)} turns and 'tgt' {len(tgt)}; DPO needs one more src "
                         "than tgt (the last user turn is answered by the responses)")
@@ -118,16 +116,7 @@ def parse_dpo_row(path, line: int, row) -> PreferenceExample:
         raise DataError(path, line, f"'sort' values are equal ({sort[0]}); the higher one marks the chosen response")
     chosen = 0 if sort[0] > sort[1] else 1
     responses = [_response(path, line, r, k) for k, r in enumerate(response)]
-    system = row.get("system")
-    if system is not None and not isinstance(system, str):
-        raise DataError(path, line, f"'system' must be a string, got {type(system).__name__}")
-    system = system.strip() if system and system.strip() else None
-    if is_system:
-        if system is not None:
-            raise DataError(path, line, "both 'system' and 'is_system' are set; keep one")
-        if len(src) < 2:
-            raise DataError(path, line, "'is_system' needs src[0] as system prompt plus at least one turn")
-        system, src, tgt = src[0], src[1:], tgt[1:]
+    system, src, tgt = split_system(path, line, row, is_system, src, tgt)
     return PreferenceExample(tuple(src), tuple(tgt), responses[chosen], responses[1 - chosen],
                              _score_delta(path, line, row, chosen), system)
 
@@ -154,15 +143,9 @@ def read_preferences(path, kind: str = "erniekit"):
     path = Path(path)
     if kind not in DPO_TYPES:
         raise DataError(path, None, f"DPO dataset type {kind!r} is not supported; use one of {', '.join(DPO_TYPES)}")
-    data = _read_bytes(path)
     parse = parse_dpo_row if kind == "erniekit" else parse_alpaca_pref_row
-    is_array = data.lstrip()[:1] == b"["
-    count = 0
-    for line_no, row in (_iter_json_array if is_array else _iter_jsonl)(path, data):
-        count += 1
+    for line_no, row in iter_rows(path, allow_array=True):
         yield line_no, parse(path, line_no, row)
-    if count == 0:
-        raise DataError(path, None, "the file holds no rows")
 
 
 # ---- pair -> tokens -------------------------------------------------------------------------------
