@@ -51,13 +51,14 @@ def iter_next_fit(lengths: Iterable[int], capacity: int) -> Iterator[list[int]]:
         yield pack
 
 
-def iter_packs(lengths, capacity: int, greedy: bool) -> Iterator[list[int]]:
-    """Packs of positions into `lengths` (a sequence), greedy per 500-buffer or next-fit."""
+def iter_packs(lengths, capacity: int, greedy: bool, buffer_size: int = GREEDY_BUFFER) -> Iterator[list[int]]:
+    """Packs of positions into `lengths` (a sequence): greedy within each buffer of `buffer_size`
+    items (SFT: 500, DPO: the `buffer_size` option), or next-fit."""
     if not greedy:
         yield from iter_next_fit(lengths, capacity)
         return
-    for lo in range(0, len(lengths), GREEDY_BUFFER):
-        for pack in pack_greedy(lengths[lo:lo + GREEDY_BUFFER], capacity):
+    for lo in range(0, len(lengths), buffer_size):
+        for pack in pack_greedy(lengths[lo:lo + buffer_size], capacity):
             yield [lo + p for p in pack]
 
 
