@@ -112,6 +112,8 @@ def full_optimizer_state(optimizer, mesh, pp_group, *, zero=None, tied: bool) ->
     group_names: dict[int, list[str]] = {}
     for group, name, param, model_param, chunk in _named_optimizer_params(optimizer, zero):
         st = optimizer.state.get(param, {})
+        if zero is not None and chunk is not None and param.dtype != model_param.dtype:
+            st = {**st, "master": param.detach()}  # stage1 O2: the fp32 slice is the master weight
         if zero is not None and chunk is not None:
             st = zero.full_local_state(st, model_param, chunk)
         full = {k: (_full(v, like=model_param) if torch.is_tensor(v) and v.dim() > 0 else

@@ -259,12 +259,13 @@ def loss_context(enabled: bool):
 
 
 @torch.no_grad()
-def sync_replicated_grads(params: list[torch.Tensor], group, *, op: str) -> None:
-    """All-reduce the gradients of TP-replicated params over the TP group, one flat buffer.
+def sync_replicated_grads(grads: list[torch.Tensor | None], group, *, op: str) -> None:
+    """All-reduce the gradients (given, p.grad or an fp32 master-gradient buffer) of TP-replicated
+    params over the TP group, one flat buffer.
 
     op "sum": sequence-parallel partial gradients (each rank saw a sequence shard);
     op "avg": `sync_grad`, keeping replicated params' gradients bit-identical across TP ranks."""
-    grads = [local_tensor(p.grad) for p in params if p.grad is not None]
+    grads = [local_tensor(g) for g in grads if g is not None]
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])

@@ -127,10 +127,9 @@ class Trainer:
         # AMP (§12.5): O2 stores the weights in bf16; their fp32 values seed the optimizer's master weights.
         self.amp = AmpPlan.from_config(cfg)
         self._master_seeds = self.amp.cast_model(self.model)
-        self.amp.check_layout(self.parallel.dims, self.model)
         self.model.train()
         self.model_config = self.model.config
-        self.model = self.parallel.parallelize(self.model)  # TP/SP, pipeline stage, dp/ZeRO (same model if 1 process)
+        self.model = self.parallel.parallelize(self.model, masters=self._master_seeds)  # TP/SP, PP, dp/ZeRO
 
     def setup_optimizer(self) -> None:
         cfg = self.cfg
@@ -220,7 +219,7 @@ class Trainer:
         return self.parallel.reduce_step_stats(total, tokens, metrics)  # mean loss, total tokens over replicas
 
     def optimizer_step(self) -> float:
-        if getattr(self.optimizer, "clips_own_grads", False):  # fp32 norm/clip over master grads, update on masters
+        if getattr(self.optimizer, "clips_own_grads", False) and not self.parallel.dims.distributed:  # fp32 clip
             grad_norm = self.optimizer.clip_grad_norm_(self.cfg.train.max_grad_norm)
             self.optimizer.step()
         else:  # global-norm clip (every shard counted once) + the update, with the layout's syncs around it
