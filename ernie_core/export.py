@@ -74,7 +74,7 @@ class ShardWriter:
 
 def find_base(src: Path, override: str | None) -> Path:
     """Where the LoRA base weights live (see the module docstring for the order)."""
-    from .models.io import find_lora_base
+    from .peft.loading import find_lora_base
 
     return find_lora_base(src, override, hint="pass --base DIR")
 

@@ -21,7 +21,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ernie_core.parallel.testing import run_cli, spawn
+from ernie_core.parallel.testing import spawn
+from ernie_core.train.testing import run_cli
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 

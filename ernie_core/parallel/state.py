@@ -69,7 +69,7 @@ def _in_rank0_slot(mesh) -> bool:
 
 def full_model_state(model, mesh, pp_group, *, tied: bool) -> dict | None:
     """{HF name: full CPU tensor} on global rank 0 (None elsewhere). Collective over every rank."""
-    from ..models.io import _FUSED, _natural_key
+    from ..models.config import FUSED_PROJECTIONS, natural_key
 
     part = {}
     for name, p in model.named_parameters():
@@ -84,14 +84,13 @@ def full_model_state(model, mesh, pp_group, *, tied: bool) -> dict | None:
     out = {}
     for name, t in merged.items():
         module, _, fused = name.rpartition(".")[0].rpartition(".")
-        if fused in _FUSED:  # fused q|k|v or gate|up: split into the HF names
-            sizes = ((cfg.q_dim, cfg.kv_dim, cfg.kv_dim) if fused == "qkv_proj"
-                     else (cfg.intermediate_size, cfg.intermediate_size))
-            for part_name, chunk in zip(_FUSED[fused], t.split(sizes, dim=0)):
+        if fused in FUSED_PROJECTIONS:  # fused q|k|v or gate|up: split into the HF names
+            parts = cfg.fused_parts(fused)
+            for (part_name, _), chunk in zip(parts, t.split([n for _, n in parts], dim=0)):
                 out[f"{module}.{part_name}.{name.rpartition('.')[2]}"] = chunk
         else:
             out[name] = t
-    return dict(sorted(out.items(), key=lambda kv: _natural_key(kv[0])))
+    return dict(sorted(out.items(), key=lambda kv: natural_key(kv[0])))
 
 
 def _named_optimizer_params(optimizer, zero):

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..models.io import iter_checkpoint_tensors
 from .lora import FUSED_PARTS, natural_key, resolve_alpha
 
 CONFIG_NAME = "lora_config.json"
@@ -202,8 +203,6 @@ def _array(value):
 
 def iter_weights(path) -> Iterator[tuple[Path, str, torch.Tensor]]:
     """(file, key, tensor) for every weight of the adapter."""
-    from ..models.io import iter_checkpoint_tensors
-
     for f in weight_files(path):
         if f.suffix == ".pdparams":
             for key, t in read_pdparams(f).items():

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 import weakref
 from dataclasses import dataclass, field
 from functools import partial
@@ -21,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from ..models.config import FUSED_PROJECTIONS, natural_key
+
 # Leaf names of the linears that get adapters: HF split names and our fused ones (fuse_linear),
 # for dense layers and MoE experts alike. The router (`mlp.gate`), embeddings, norms and the LM
 # head never match.
@@ -28,8 +29,8 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 # Siblings that share the leader's A (ERNIEKit's fused q|k|v and gate|up adapters).
 SHARED_A = {"q_proj": ("k_proj", "v_proj"), "gate_proj": ("up_proj",)}
 FOLLOWER_OF = {f: lead for lead, fs in SHARED_A.items() for f in fs}
-# Row order of our fused linears, in HF split names.
-FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "up_gate_proj": ("gate_proj", "up_proj")}
+# Row order of our fused linears, in HF split names (one definition, on the model config).
+FUSED_PARTS = FUSED_PROJECTIONS
 
 
 def resolve_alpha(rank: int, alpha: float, rslora: bool) -> float:
@@ -220,11 +221,6 @@ class LoRALinear(nn.Linear):
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
-
-
-def natural_key(name: str) -> list:
-    """Sort key that puts layers.10 after layers.9."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
 def _split_name(name: str) -> tuple[str, str]:

@@ -55,9 +55,7 @@ def is_adapter_dir(path) -> bool:
 
 def fused_sizes(leaf: str, model_config) -> tuple[int, ...]:
     """Row sizes of our fused linears' parts ([out, in] layout), from the model config."""
-    if leaf == "qkv_proj":
-        return model_config.q_dim, model_config.kv_dim, model_config.kv_dim
-    return model_config.intermediate_size, model_config.intermediate_size
+    return tuple(n for _, n in model_config.fused_parts(leaf))
 
 
 def to_peft_tensors(state: dict[str, torch.Tensor], model_config=None) -> dict[str, torch.Tensor]:
