@@ -29,7 +29,7 @@ import torch
 
 from ernie_core.data.packing import iter_next_fit, iter_packs
 from ernie_core.data.readers import iter_rows, read_is_system, split_system, turn_list
-from ernie_core.data.stream import TrainStream, build_stream, eval_specs, train_specs
+from ernie_core.data.stream import TrainStream, build_stream, eval_specs, train_specs, validate_datasets
 from ernie_core.errors import DataError
 
 DPO_TYPES = ("erniekit", "alpaca")
@@ -302,13 +302,9 @@ def _load(specs, cfg, tok):
                                      d.mask_out_eos_token) for s in specs]
 
 
-def validate_preference_datasets(cfg) -> dict[str, int]:
+def validate_preference_datasets(cfg: "TrainConfig") -> dict[str, int]:
     """Read every train and eval file once; DataError at the first malformed line. {path: rows}."""
-    rows = {}
-    for spec in train_specs(cfg) + eval_specs(cfg):
-        if spec.path not in rows:
-            rows[spec.path] = sum(1 for _ in read_preferences(spec.path, spec.kind))
-    return rows
+    return validate_datasets(cfg, read=read_preferences)
 
 
 class PairBatchBuilder:

@@ -68,13 +68,14 @@ def load_sources(specs, tok, max_seq_len: int):
     return sources
 
 
-def validate_datasets(cfg, tok=None) -> dict[str, int]:
-    """Read every train and eval file once (no tokenization) and raise DataError at the first bad
-    line; returns {path: rows}. Sources with prob 0 are dropped from training, so not read."""
+def validate_datasets(cfg: "TrainConfig", tok=None, read=read_examples) -> dict[str, int]:
+    """Read every train and eval file once with `read(path, kind)` (SFT rows by default; DPO passes its
+    preference reader), no tokenization, and raise DataError at the first bad line; returns
+    {path: rows}. Sources with prob 0 are dropped from training, so not read."""
     rows = {}
     for spec in train_specs(cfg) + eval_specs(cfg):
         if spec.path not in rows:
-            rows[spec.path] = sum(1 for _ in read_examples(spec.path, spec.kind))
+            rows[spec.path] = sum(1 for _ in read(spec.path, spec.kind))
     return rows
 
 

@@ -142,7 +142,7 @@ _LORA_PLACEMENTS = {"col": {"weight": 0, "bias": 0, "lora_A": None, "lora_B": 0}
                     "row": {"weight": 1, "bias": None, "lora_A": 1, "lora_B": None}}
 
 
-class _AllReduceGrad(torch.autograd.Function):
+class AllReduceGrad(torch.autograd.Function):
     """Identity forward; backward sums the gradient over the TP group (Megatron's "f"). A replicated
     LoRA factor whose gradient each rank sees only part of (A of a column-parallel base: the ranks
     hold different rows of B; B of a row-parallel base: they hold different pieces of x Aᵀ)."""
@@ -161,7 +161,7 @@ class _AllReduceGrad(torch.autograd.Function):
 
 class LoraTPView:
     """`LoRALinear.tp_view` under TP: each DTensor parameter -> the local tensor this rank computes with.
-    A replicated trainable factor gets `_AllReduceGrad`, so its gradient is the full one on every rank."""
+    A replicated trainable factor gets `AllReduceGrad`, so its gradient is the full one on every rank."""
 
     def __init__(self, split: str, group):
         self.split, self.group = split, group
@@ -170,7 +170,7 @@ class LoraTPView:
         if param is None or not param.requires_grad:
             return local_tensor(param)
         t = param.to_local()
-        return _AllReduceGrad.apply(t, self.group) if _LORA_PLACEMENTS[self.split][name] is None else t
+        return AllReduceGrad.apply(t, self.group) if _LORA_PLACEMENTS[self.split][name] is None else t
 
 
 def _shard_lora(adapted: list, tp_mesh, output_layouts) -> None:

@@ -148,12 +148,9 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
                 st = self.state.get(p)
                 if not st:
                     continue
-                master = st.pop("master", None)
+                master = adopt_master(p, st)
                 if master is not None:
-                    if p.dtype == torch.float32:
-                        p.copy_(master.to(p.device))
-                    else:
-                        st["master"] = self._to_storage(master.to(torch.float32), like=p)
+                    st["master"] = self._to_storage(master.to(torch.float32), like=p)
                 for k in MOMENTS:
                     if k in st:
                         st[k] = self._to_storage(st[k].to(self.moment_dtype), like=p)
@@ -305,6 +302,18 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
                    if torch.is_tensor(t) and t.dim() > 0)
 
 
+@torch.no_grad()
+def adopt_master(p: torch.Tensor, st: dict) -> torch.Tensor | None:
+    """Take a saved master weight out of a parameter's optimizer state. An fp32 parameter is its own
+    master: the saved value is copied into it (an O2 checkpoint resumed under O1 or a sharded layout)
+    and None returned; a low-precision parameter gets the master back to keep."""
+    master = st.pop("master", None)
+    if master is None or p.dtype != torch.float32:
+        return master
+    p.copy_(master.to(p.device))
+    return None
+
+
 def _is_plain(t: torch.Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
@@ -347,9 +356,7 @@ def conform_loaded_state(optimizer) -> None:
             st = optimizer.state.get(p)
             if not st:
                 continue
-            master = st.pop("master", None)
-            if master is not None:
-                p.copy_(master.to(p.device, p.dtype))
+            adopt_master(p, st)
             for k in MOMENTS:
                 if k in st and st[k].dtype != p.dtype:
                     st[k] = st[k].to(p.dtype)
