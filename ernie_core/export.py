@@ -2,7 +2,7 @@
 
 Writes a Hugging Face checkpoint (config.json, sharded safetensors + index, tokenizer files) that
 transformers loads directly. With `--merge-lora` the directory's PEFT adapter is folded into its base
-(W + scaling·B A in fp32, ernie_reference §6); without it a full model directory is re-sharded. The
+(W + scaling·B A in fp32, docs/behaviour.md#lora); without it a full model directory is re-sharded. The
 base is streamed one tensor at a time and shards are written as they fill, so memory stays at about
 one shard, whatever the model size.
 

@@ -1,4 +1,4 @@
-"""SFT readers (ernie_reference §3.1): accepted forms, and a DataError naming file and line for
+"""SFT readers (docs/behaviour.md#sft-data-format): accepted forms, and a DataError naming file and line for
 every kind of malformed row."""
 import gzip
 import json

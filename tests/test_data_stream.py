@@ -1,5 +1,5 @@
 """Mixing, virtual epochs, the train stream (determinism, resume, workers, DP) and the max_steps
-estimate (ernie_reference §5.1)."""
+estimate (docs/behaviour.md#mixing-and-virtual-epochs)."""
 import random
 from collections import Counter
 from functools import partial

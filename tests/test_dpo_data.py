@@ -1,4 +1,4 @@
-"""DPO data (ernie_reference §4, §5): readers and their errors, pair layout (positions, start rows,
+"""DPO data (docs/behaviour.md#dpo-data-format, #mixing-and-virtual-epochs): readers and their errors, pair layout (positions, start rows,
 targets), truncation, packing, the resumable stream, and the central property: packed share-prompt
 rows give the same chosen/rejected log-probs as each branch run alone."""
 from __future__ import annotations
@@ -77,7 +77,7 @@ def test_malformed_lines_name_file_line_and_reason(tmp_path, row, reason):
 
 # ---- pair layout -------------------------------------------------------------------------------------
 def test_reference_example_layout():
-    """§4.2's table: P=4, chosen c0 c1 E, rejected r0 r1 E, T=10 (this project's rejected targets)."""
+    """docs/behaviour.md#dpo-pair-layout's table: P=4, chosen c0 c1 E, rejected r0 r1 E, T=10 (this project's rejected targets)."""
     ids = np.array([10, 11, 12, 13, 20, 21, 3, 30, 31, 3], np.int32)
     pair = PairSeq(ids, 4, 3, 3, np.array([3, 4], np.int32), np.array([20, 21], np.int32),
                    np.array([3, 7], np.int32), np.array([30, 31], np.int32), 1.0)
@@ -125,7 +125,7 @@ def test_prompt_truncation_drops_oldest_turns(tok):
 
 def test_greedy_packing_by_buffer():
     lengths = [6, 5, 3, 4, 2, 6, 5, 3, 4, 2]
-    assert list(iter_packs(lengths[:5], 10, True, 500)) == [[0, 3], [1, 2, 4]]  # §5.2 example
+    assert list(iter_packs(lengths[:5], 10, True, 500)) == [[0, 3], [1, 2, 4]]  # docs/behaviour.md#packing example
     packs = list(iter_packs(lengths, 10, True, 5))  # two buffers, packed separately
     assert packs == [[0, 3], [1, 2, 4], [5, 8], [6, 7, 9]]
     assert list(iter_packs(lengths[:5], 10, False, 5)) == [[0], [1, 2], [3, 4]]

@@ -1,4 +1,4 @@
-"""DPO preference data (ernie_reference §4, §5): readers, pair -> row segment, share-prompt packing,
+"""DPO preference data (docs/behaviour.md#dpo-data-format, #mixing-and-virtual-epochs): readers, pair -> row segment, share-prompt packing,
 the endless resumable train stream, eval batches and the max_steps estimate.
 
 One pair is laid out as prompt + chosen + rejected (T = P + C + R tokens); the FlashMask start rows
@@ -11,7 +11,7 @@ A micro-batch is a dict of CPU tensors:
     chosen_index / rejected_index [Nc] / [Nr] int64   flat positions b*S + s whose prediction is scored
     chosen_target / rejected_target                   the token predicted there
     chosen_pair / rejected_pair                       pair number in [0, num_pairs) of each entry
-    score_delta [num_pairs] fp32                      the data's score gap (§7.3)
+    score_delta [num_pairs] fp32                      the data's score gap (docs/behaviour.md#dpo-score-offset)
     labels [B, S] int64   -100 except one 0 at each pair's first column: one unit of weight per pair,
                           so the trainer's eval average is a mean over pairs
     num_pairs, num_tokens (real tokens) ints
@@ -76,7 +76,7 @@ def _response(path, line, value, k) -> tuple[str, ...]:
 
 
 def _score_delta(path, line, row, chosen: int) -> float:
-    """§7.3 (this project): `score` (a number = the delta, or a 2-list aligned with response), else
+    """docs/behaviour.md#dpo-score-offset (this project): `score` (a number = the delta, or a 2-list aligned with response), else
     the sort gap. A delta <= 0 would make log(delta) undefined: the row is invalid."""
     score = row.get("score")
     if score is None:
@@ -93,7 +93,7 @@ def _score_delta(path, line, row, chosen: int) -> float:
 
 
 def parse_dpo_row(path, line: int, row) -> PreferenceExample:
-    """Validate one erniekit DPO row (ernie_reference §4.1)."""
+    """Validate one erniekit DPO row (docs/behaviour.md#dpo-data-format)."""
     if not isinstance(row, dict):
         raise DataError(path, line, f"row must be a JSON object, got {type(row).__name__}")
     is_system = read_is_system(path, line, row)
@@ -173,7 +173,7 @@ class PairSeq:
 def _response_targets(chunks, start: int, sep_id: int, eos_id: int, mask_out_eos: bool):
     """(positions, targets) of one branch. chunks: [(tokens, is_assistant)] laid out from logical
     position `start`; an answer a is predicted from the position before it, a[j] at start+j-1; its
-    final end-of-turn token is skipped with mask_out_eos (§4.2), else trained as eos (as in SFT)."""
+    final end-of-turn token is skipped with mask_out_eos (docs/behaviour.md#dpo-pair-layout), else trained as eos (as in SFT)."""
     pos, tgt, at = [], [], start
     for tokens, assistant in chunks:
         if assistant:
@@ -192,7 +192,7 @@ def _response_targets(chunks, start: int, sep_id: int, eos_id: int, mask_out_eos
 def tokenize_pair(tok, ex: PreferenceExample, max_seq_len: int, max_prompt_len: int, mask_out_eos: bool = True):
     """PairSeq, or the drop reason "too_long" / "no_loss".
 
-    Truncation (§4.2): both responses stay whole; prompt turns are added back to front while
+    Truncation (docs/behaviour.md#dpo-pair-layout): both responses stay whole; prompt turns are added back to front while
     P + C + R <= max_seq_len and P <= max_prompt_len (the oldest turns go first; no cls re-add).
     The rejected branch's first token is predicted at P - 1, like the chosen one (this project).
     """
@@ -254,7 +254,7 @@ def tokenize_preference_file(path, kind, tok, max_seq_len: int, max_prompt_len: 
 def build_dpo_batch(rows, seq_len: int, pad_id: int) -> dict:
     """rows: list of packed rows, each a list of PairSeq whose lengths sum <= seq_len -> micro-batch
     (module docstring). Pair at offset off: position ids 0..P-1, P..P+C-1, P..P+R-1; start rows
-    [off+T]*P + [off+P+C]*C + [off+T]*R (§4.2); a pad column j gets j (no row sees it)."""
+    [off+T]*P + [off+P+C]*C + [off+T]*R (docs/behaviour.md#dpo-pair-layout); a pad column j gets j (no row sees it)."""
     B = len(rows)
     input_ids = np.full((B, seq_len), pad_id, np.int64)
     position_ids = np.zeros((B, seq_len), np.int64)
@@ -340,7 +340,7 @@ def build_dpo_eval_batches(cfg, tok, dp_rank: int = 0, dp_world: int = 1) -> lis
 
 
 def estimate_dpo_max_steps(cfg, tok) -> int:
-    """§5.1 for pairs: N = n (one source) or Σ ceil(n_i·prob_origin_i) pairs, packed as in training;
+    """docs/behaviour.md#mixing-and-virtual-epochs for pairs: N = n (one source) or Σ ceil(n_i·prob_origin_i) pairs, packed as in training;
     ceil(packs · epochs / (batch_size · grad_accum)) (the trainer folds dp x sharding into batch_size)."""
     specs = train_specs(cfg)
     sources = _load(specs, cfg, tok)

@@ -35,7 +35,7 @@ def natural_key(name: str):
 
 @dataclass
 class Ernie4_5Config:
-    """Architecture of a dense ERNIE 4.5 model (defaults: ERNIE-4.5-0.3B, ernie_reference §1.2)."""
+    """Architecture of a dense ERNIE 4.5 model (defaults: ERNIE-4.5-0.3B, docs/behaviour.md#model)."""
 
     vocab_size: int = 103424
     hidden_size: int = 1024
@@ -46,7 +46,7 @@ class Ernie4_5Config:
     head_dim: int | None = 128  # not hidden_size / heads in ERNIE 4.5 (0.3B: 16 heads x 128 = 2048 != 1024)
     hidden_act: str = "silu"
     max_position_embeddings: int = 131072
-    initializer_range: float = 0.02  # kept for the file; fresh weights use std sqrt(0.3333/H) (§1.1)
+    initializer_range: float = 0.02  # kept for the file; fresh weights use std sqrt(0.3333/H) (docs/behaviour.md#model)
     rms_norm_eps: float = 1e-5
     rope_theta: float = 500000.0
     rope_type: str = "default"

@@ -1,5 +1,5 @@
 """Checkpoint IO for Ernie4_5ForCausalLM: Hugging Face safetensors (single or sharded + index) and
-Paddle-format checkpoints (read only; converted on the fly, ernie_reference §1.4).
+Paddle-format checkpoints (read only; converted on the fly, docs/behaviour.md#checkpoints-and-paddle-names).
 
 On disk the layout is always HF's split one (`q_proj`/`k_proj`/`v_proj`, `gate_proj`/`up_proj`,
 [out, in]); a model built with `fuse_linear=True` is split on save and joined on load here. With
@@ -28,7 +28,7 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PADDLE_PREFIX = "ernie."
 # Keys a checkpoint may carry that the dense model does not use: the 21B release's MTP block
-# (fine-tuning ignores it, §1.1) and rotary caches some older exports saved.
+# (fine-tuning ignores it, docs/behaviour.md#model) and rotary caches some older exports saved.
 _IGNORED_KEY = re.compile(r"(^|\.)mtp_|rotary_emb\.inv_freq$")
 # Adapter weights that may sit next to a LoRA run's base weights (PEFT's, ERNIEKit's).
 _ADAPTER_FILES = ("adapter_model", "peft_model")
@@ -115,7 +115,7 @@ def is_paddle_checkpoint(files: list[Path], path: Path) -> bool:
 
 
 def paddle_to_hf(key: str, t: torch.Tensor, cfg: Ernie4_5Config) -> list[tuple[str, torch.Tensor]]:
-    """One Paddle tensor -> its HF tensor(s) (ernie_reference §1.4): `ernie.` -> `model.`, linears
+    """One Paddle tensor -> its HF tensor(s) (docs/behaviour.md#checkpoints-and-paddle-names): `ernie.` -> `model.`, linears
     [in, out] -> [out, in], qkv_proj columns Q|K|V and up_gate_proj columns gate|up split."""
     if key.startswith(PADDLE_PREFIX):
         key = "model." + key[len(PADDLE_PREFIX):]

@@ -200,7 +200,7 @@ class ParallelContext:
 
     def global_batch_config(self, cfg):
         """A copy of cfg whose micro batch is the whole data-parallel batch: what the max_steps
-        estimate (§5.1: divides by bs*accum*dp*sharding) must see."""
+        estimate (docs/behaviour.md#mixing-and-virtual-epochs: divides by bs*accum*dp*sharding) must see."""
         if self.dp_world == 1:
             return cfg
         out = copy.deepcopy(cfg)

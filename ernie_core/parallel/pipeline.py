@@ -157,7 +157,7 @@ class PipelinedModel(nn.Module):
         self.num_layers = full.config.num_hidden_layers
 
     def set_dropout(self, hidden_p: float, attn_p: float) -> None:
-        """Same rule as the full model (§12.4): layer l uses p * l / L."""
+        """Same rule as the full model (docs/behaviour.md#dropout-warmup): layer l uses p * l / L."""
         for layer in self.model.layers.values():
             if isinstance(layer, EmptyLayer):
                 continue

@@ -1,4 +1,4 @@
-"""LoRA adapters (ernie_reference §6): apply, save/load in PEFT format, read ERNIEKit's, merge."""
+"""LoRA adapters (docs/behaviour.md#lora): apply, save/load in PEFT format, read ERNIEKit's, merge."""
 from ernie_core.peft.lora import (LoRALinear, LoraSpec, adapters_disabled, apply_lora, lora_modules,
                                   lora_plus_multiplier, lora_scaling, lora_state, merge_lora, resolve_alpha)
 from ernie_core.peft.peft_format import (adapter_format, is_adapter_dir, load_adapter, read_adapter,

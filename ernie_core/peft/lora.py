@@ -1,4 +1,4 @@
-"""LoRA adapters on a plain model (ernie_reference §6): `apply_lora(model, rank=..., ...)`.
+"""LoRA adapters on a plain model (docs/behaviour.md#lora): `apply_lora(model, rank=..., ...)`.
 
 Every attention and FFN linear gets `y = x Wᵀ + scaling · (x Aᵀ) Bᵀ` with A [r, in] (Kaiming-uniform,
 a=√5) and B [out, r] (zeros), PEFT's [out, in] layout. ERNIEKit trains one adapter on the fused
@@ -267,7 +267,7 @@ def apply_lora(model: nn.Module, *, rank: int, alpha: float = -1, rslora: bool =
 
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module):
-    """The base model: every adapter off inside the block (LoRA DPO's reference model, §7.4)."""
+    """The base model: every adapter off inside the block (LoRA DPO's reference model, docs/behaviour.md#dpo-reference-model)."""
     mods = list(lora_modules(model).values())
     states = [m.enabled for m in mods]
     for m in mods:
@@ -280,7 +280,7 @@ def adapters_disabled(model: nn.Module):
 
 
 def lora_plus_multiplier(lora_plus_scale: float):
-    """LoRA+ (§6): a learning-rate multiplier on the B matrices only; for train.optim.param_groups."""
+    """LoRA+ (docs/behaviour.md#lora): a learning-rate multiplier on the B matrices only; for train.optim.param_groups."""
     def multiplier(name: str) -> float:
         return float(lora_plus_scale) if name.endswith("lora_B") else 1.0
 

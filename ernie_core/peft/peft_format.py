@@ -6,7 +6,7 @@ with PEFT's names for transformers' Ernie 4.5 modules, so
     base_model.model.model.layers.{i}.self_attn.q_proj.lora_B.weight   [out, r]
 
 Fused q|k|v or gate|up adapters (ours with fuse_linear, or ERNIEKit's) are written split: each part
-gets a copy of A and its rows of B, which is the same function (§6, "Export to split PEFT form is
+gets a copy of A and its rows of B, which is the same function (docs/behaviour.md#lora, "Export to split PEFT form is
 exact"). Reading back, parts whose A's are equal become one shared A again.
 
 `load_adapter` / `read_any_adapter` also read ERNIEKit's adapters (lora_config.json +

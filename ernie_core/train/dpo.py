@@ -1,4 +1,4 @@
-"""DPO (ernie_reference §7): the preference losses as plain tensor functions, the packed-pair
+"""DPO (docs/behaviour.md#dpo-log-probs): the preference losses as plain tensor functions, the packed-pair
 log-probs, and DPOObjective (data + loss for the trainer).
 
 Loss inputs are per-pair summed token log-probs (fp32), shape [N]. Everything is elementwise over
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "dpop", "kto_pair", "sppo_hard", "nca_pair", "or", "orpo")
-# These compare per-token means π/L instead of sums (§7.1).
+# These compare per-token means π/L instead of sums (docs/behaviour.md#dpo-log-probs).
 MEAN_LOGP_TYPES = ("ipo", "simpo", "or", "orpo")
 # A log-prob mean of exactly 0 (probability 1) makes log(1 - e^π) -inf; one fp32 ulp below 0 keeps
 # the odds ratio and its gradient finite.
@@ -39,7 +39,7 @@ def _log1m_exp(x: torch.Tensor) -> torch.Tensor:
 
 
 def length_normalize(chosen: torch.Tensor, rejected: torch.Tensor, chosen_lengths, rejected_lengths):
-    """normalize_logps (§7.1): with L̄ = (L_c + L_r)/2, π_c·L̄/L_c and π_r·L̄/L_r, so a longer answer
+    """normalize_logps (docs/behaviour.md#dpo-log-probs): with L̄ = (L_c + L_r)/2, π_c·L̄/L_c and π_r·L̄/L_r, so a longer answer
     is not favoured or penalised just for having more tokens."""
     lc = torch.as_tensor(chosen_lengths, dtype=chosen.dtype, device=chosen.device).clamp(min=1)
     lr = torch.as_tensor(rejected_lengths, dtype=rejected.dtype, device=rejected.device).clamp(min=1)
@@ -51,13 +51,13 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
                     loss_type: str, beta: float, label_smoothing: float = 0.0, simpo_gamma: float = 0.5,
                     offset_alpha: float = 0.0, score_delta=None, chosen_lengths=None, rejected_lengths=None,
                     dpop_lambda: float = 50.0) -> torch.Tensor:
-    """Per-pair preference losses [N] (ernie_reference §7.2).
+    """Per-pair preference losses [N] (docs/behaviour.md#dpo-loss-types).
 
     policy_*/ref_* [N]: summed log-probs of the chosen / rejected answers (ref may be 0 or None for
     reference-free runs). For ipo, simpo and or/orpo, `chosen_lengths` / `rejected_lengths` [N] turn
     the sums into per-token means (pass None if the inputs already are means); the other types use the
     inputs as given (apply `length_normalize` first for normalize_logps). `score_delta` [N] > 0 is the
-    data's score gap for the sigmoid offset (§7.3). kto_pair returns (l_c + l_r)/2 per pair, whose
+    data's score gap for the sigmoid offset (docs/behaviour.md#dpo-score-offset). kto_pair returns (l_c + l_r)/2 per pair, whose
     mean equals the mean of ERNIEKit's concatenated 2N losses.
     """
     pc, pr = policy_chosen_logps, policy_rejected_logps
@@ -72,7 +72,7 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
             if score_delta is None:
                 raise ValueError("offset_alpha > 0 needs score_delta (the data's score gap per pair)")
             gap = torch.as_tensor(score_delta, dtype=delta.dtype, device=delta.device)
-            # A bigger score gap demands a bigger margin (§7.3); delta 1 (sort [1, 0]) adds nothing.
+            # A bigger score gap demands a bigger margin (docs/behaviour.md#dpo-score-offset); delta 1 (sort [1, 0]) adds nothing.
             delta = delta - (offset_alpha / beta) * torch.log(gap + 1e-6)
         return _sigmoid_form(beta * delta, label_smoothing)
     if loss_type == "hinge":
@@ -81,7 +81,7 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
         return (delta - 1.0 / (2.0 * beta)) ** 2
     if loss_type == "simpo":  # reference-free by definition: the reference terms are ignored
         return _sigmoid_form(beta * ((pc - pr) - simpo_gamma / beta), label_smoothing)
-    if loss_type == "dpop":  # the penalty sits outside the sigmoid (§7.2)
+    if loss_type == "dpop":  # the penalty sits outside the sigmoid (docs/behaviour.md#dpo-loss-types)
         return -F.logsigmoid(beta * delta) + dpop_lambda * torch.relu(rc - pc)
     if loss_type == "kto_pair":
         kl_c = (pc - rc).mean().clamp(min=0)
@@ -221,7 +221,7 @@ def run_as_forward(model, fn, *args):
 def pair_logps(model, batch: dict, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) summed log-probs [num_pairs] of one packed micro-batch: the decoder runs
     once per row, and only the scored positions (a compact list, the prompt's last position twice)
-    go through the LM head (ernie_reference §4.2 sparse head). Works on the plain model and on the
+    go through the LM head (docs/behaviour.md#dpo-pair-layout sparse head). Works on the plain model and on the
     data-parallel / sharded / tensor-parallel one (run_as_forward, vocab-parallel head)."""
     sums = run_as_forward(model, lambda b, c: _pair_logps(model, b, c), batch, chunk)
     k = int(batch["num_pairs"])  # split outside: a wrapper's backward hook sits on the whole output
@@ -251,7 +251,7 @@ def _lengths(batch: dict, side: str) -> torch.Tensor:
 
 # ---- objective ------------------------------------------------------------------------------------
 class DPOObjective:
-    """Data and loss of DPO (ernie_reference §4, §7): packed share-prompt pairs, one of the §7.2
+    """Data and loss of DPO (docs/behaviour.md#dpo-data-format, #dpo-log-probs): packed share-prompt pairs, one of the docs/behaviour.md#dpo-loss-types
     losses against a reference that is a frozen copy (full DPO), the same model with adapters off
     (LoRA DPO), or nothing (reference_free)."""
 
@@ -263,7 +263,7 @@ class DPOObjective:
         self.loss_type, self.beta, self.label_smoothing = loss_type, beta, label_smoothing
         self.simpo_gamma, self.offset_alpha, self.dpop_lambda = simpo_gamma, offset_alpha, dpop_lambda
         self.normalize_logps, self.pref_loss_ratio, self.sft_loss_ratio = normalize_logps, pref_loss_ratio, sft_loss_ratio
-        # simpo and or/orpo never look at a reference (§7.2): skip its forward.
+        # simpo and or/orpo never look at a reference (docs/behaviour.md#dpo-loss-types): skip its forward.
         self.reference_free = reference_free or loss_type in ("simpo", "or", "orpo")
         self.ref_model_update_steps = ref_model_update_steps
         self.ref_path, self.ref_dtype, self.head_chunk = ref_path, ref_dtype, head_chunk
@@ -373,7 +373,7 @@ class DPOObjective:
             return None, None
         from ..peft import adapters_disabled, lora_modules
 
-        if lora_modules(model):  # LoRA DPO: the base is the reference (§7.4), no second copy
+        if lora_modules(model):  # LoRA DPO: the base is the reference (docs/behaviour.md#dpo-reference-model), no second copy
             was_training = model.training
             model.eval()
             try:
@@ -387,7 +387,7 @@ class DPOObjective:
 
     # -- loss
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
-        """pref_loss_ratio · mean per-pair loss + sft_loss_ratio · chosen-token NLL (§7.1-§7.2);
+        """pref_loss_ratio · mean per-pair loss + sft_loss_ratio · chosen-token NLL (docs/behaviour.md#dpo-log-probs-docs/behaviour.md#dpo-loss-types);
         metrics: rewards/{chosen,rejected,accuracy,margin}, logps/{chosen,rejected}."""
         ref_c, ref_r = self.reference_logps(model, batch)
         pol_c, pol_r = pair_logps(model, batch, self.head_chunk)

@@ -1,5 +1,4 @@
-"""AdamW parameter groups, the optimizers and the five learning-rate schedules (ernie_reference
-§12.1, §12.3; master weights, fp32 gradients, low-precision moments and offloaded state §12.5, §8)."""
+"""AdamW parameter groups, the optimizers and the five learning-rate schedules (docs/behaviour.md#loss-batch-optimizer, #learning-rate; master weights, fp32 gradients, low-precision moments and offloaded state docs/behaviour.md#precision-and-parallelism, #fp8)."""
 from __future__ import annotations
 
 import math

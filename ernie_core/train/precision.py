@@ -1,4 +1,4 @@
-"""Mixed precision of a training run (ernie_reference §12.5): the AMP level, O2's low-precision
+"""Mixed precision of a training run (docs/behaviour.md#precision-and-parallelism): the AMP level, O2's low-precision
 parameters, and the optimizer options that go with them.
 
 | level | parameters                         | forward/backward                  | optimizer update           |
