@@ -71,7 +71,7 @@ def apply_tp(model: nn.Module, tp_mesh, *, sequence_parallel: bool, tensor_paral
     # (reduce-scattered over the sequence under SP).
     parallelize_module(model.model.embed_tokens, tp_mesh,
                        RowwiseParallel(input_layouts=Replicate(), output_layouts=between_blocks))
-    for layer in model.model.layers:
+    for layer in model.model.layers.values():
         plan = {
             "self_attn.q_proj": ColwiseParallel(),
             "self_attn.k_proj": ColwiseParallel(),
@@ -115,7 +115,7 @@ def _check_plain_linears(model) -> list[tuple[str, nn.Module, str]]:
 
     targets = [("model.embed_tokens", model.model.embed_tokens, nn.Embedding, None),
                ("lm_head", model.lm_head, nn.Linear, None)]
-    for i, layer in enumerate(model.model.layers):
+    for i, layer in model.model.layers.items():
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             targets.append((f"model.layers.{i}.self_attn.{name}", getattr(layer.self_attn, name, None), nn.Linear,
                             "row" if name == "o_proj" else "col"))
