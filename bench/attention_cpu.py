@@ -50,7 +50,7 @@ def document_indices(S: int, rng: random.Random) -> torch.Tensor:
 
 
 def share_prompt_indices(S: int, rng: random.Random) -> torch.Tensor:
-    """Causal LTS for DPO pairs (ernie_reference §4.2): prompt P, chosen C, rejected R; the
+    """Causal LTS for DPO pairs (docs/behaviour.md#dpo-pair-layout): prompt P, chosen C, rejected R; the
     rejected rows skip the chosen columns. Trailing columns that fit no pair are padding."""
     lts, off = [], 0
     while True:

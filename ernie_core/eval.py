@@ -25,7 +25,7 @@ from .errors import UserError
 
 def tokenizer_dir(path) -> Path:
     """`path`, or for an adapter dir without tokenizer files its base model's dir."""
-    from .models.io import find_lora_base
+    from .peft.loading import find_lora_base
     from .peft import is_adapter_dir
 
     path = Path(path)

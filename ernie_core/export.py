@@ -2,7 +2,7 @@
 
 Writes a Hugging Face checkpoint (config.json, sharded safetensors + index, tokenizer files) that
 transformers loads directly. With `--merge-lora` the directory's PEFT adapter is folded into its base
-(W + scaling·B A in fp32, ernie_reference §6); without it a full model directory is re-sharded. The
+(W + scaling·B A in fp32, docs/behaviour.md#lora); without it a full model directory is re-sharded. The
 base is streamed one tensor at a time and shards are written as they fill, so memory stays at about
 one shard, whatever the model size.
 
@@ -74,7 +74,7 @@ class ShardWriter:
 
 def find_base(src: Path, override: str | None) -> Path:
     """Where the LoRA base weights live (see the module docstring for the order)."""
-    from .models.io import find_lora_base
+    from .peft.loading import find_lora_base
 
     return find_lora_base(src, override, hint="pass --base DIR")
 

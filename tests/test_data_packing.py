@@ -1,4 +1,4 @@
-"""Packing (ernie_reference §5.2), packed-row tensors, position ids (§5.4) and FlashMask LTS (§5.3)."""
+"""Packing (docs/behaviour.md#packing), packed-row tensors, position ids (docs/behaviour.md#position-ids) and FlashMask LTS (docs/behaviour.md#flashmask-row-indices)."""
 import numpy as np
 import torch
 from hypothesis import given, settings

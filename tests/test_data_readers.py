@@ -1,4 +1,4 @@
-"""SFT readers (ernie_reference §3.1): accepted forms, and a DataError naming file and line for
+"""SFT readers (docs/behaviour.md#sft-data-format): accepted forms, and a DataError naming file and line for
 every kind of malformed row."""
 import gzip
 import json
@@ -125,6 +125,7 @@ def test_validate_datasets_reads_train_and_eval(tmp_path):
     cfg = stand_in_config(train_dataset_path=str(good), eval_dataset_path=str(bad))
     with pytest.raises(DataError, match="bad.jsonl:2"):
         validate_datasets(cfg)
-    cfg = stand_in_config(train_dataset_path=f"{good},{good}", train_dataset_prob="1,1,1")
+    cfg = stand_in_config(train_dataset_path=f"{good},{good}")
+    cfg.train.train_dataset_prob = "1,1,1"  # set after loading (load_config itself refuses the mismatch)
     with pytest.raises(ConfigError, match="train_dataset_prob has 3 entries"):
         validate_datasets(cfg)

@@ -1,4 +1,4 @@
-"""Row -> sequence (ernie_reference §3.2): the worked example literally, truncation, cls re-add,
+"""Row -> sequence (docs/behaviour.md#sft-row-to-sequence): the worked example literally, truncation, cls re-add,
 labels, and counted drops."""
 import logging
 

@@ -1,7 +1,8 @@
 """Mixing, virtual epochs, the train stream (determinism, resume, workers, DP) and the max_steps
-estimate (ernie_reference §5.1)."""
+estimate (docs/behaviour.md#mixing-and-virtual-epochs)."""
 import random
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,7 +15,8 @@ from hypothesis import strategies as st
 from ernie_core.data import build_train_stream, estimate_max_steps, load_tokenizer
 from ernie_core.data import stream as stream_module
 from ernie_core.data.mixing import SourceCycler, epoch_counts, epoch_order, estimate_packs, parse_sources
-from ernie_core.data.stream import _BatchPlanner
+from ernie_core.data.packing import iter_packs
+from ernie_core.data.stream import BatchPlanner
 from ernie_core.data.testing import stand_in_config, write_jsonl
 from ernie_core.errors import ConfigError, DataError
 
@@ -140,10 +142,10 @@ def first_epoch(planner, size):
 
 def test_mixing_proportions_and_order_without_shuffle(tok, data):
     stream = build_train_stream(config(data, random_shuffle=False, greedy_intokens=False), tok)
-    samples = first_epoch(stream._planner, 48)
+    samples = first_epoch(stream.planner, 48)
     assert Counter(s for s, _ in samples) == {0: 36, 1: 12}  # int(0.75*48), int(0.25*48)
     assert samples == [(0, i) for i in range(36)] + [(1, i) for i in range(12)]
-    shuffled = first_epoch(build_train_stream(config(data), tok)._planner, 48)
+    shuffled = first_epoch(build_train_stream(config(data), tok).planner, 48)
     assert Counter(s for s, _ in shuffled) == {0: 36, 1: 12} and shuffled != samples
 
 
@@ -153,7 +155,8 @@ def test_mixing_proportions_and_order_without_shuffle(tok, data):
 def test_virtual_epoch_loses_and_duplicates_nothing(source_lengths, epoch_size, greedy, seed):
     lengths = [np.asarray(ls) for ls in source_lengths]
     counts = [max(1, epoch_size // len(lengths))] * len(lengths)
-    planner = _BatchPlanner(lengths, counts, seed, True, greedy, 40, 1, 0, 1)
+    planner = BatchPlanner(lengths, counts, seed=seed, shuffle=True, pack=partial(iter_packs, capacity=40, greedy=greedy),
+                           batch_size=1)
     got = first_epoch(planner, sum(counts))
     cyclers = [SourceCycler(len(n), seed, True) for n in lengths]
     src, row = epoch_order(cyclers, counts, 0, True)

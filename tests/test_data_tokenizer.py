@@ -1,4 +1,4 @@
-"""Tokenizer: both file formats, special tokens first, chat template and turn chunks (ernie_reference §2)."""
+"""Tokenizer: both file formats, special tokens first, chat template and turn chunks (docs/behaviour.md#tokenizer-and-chat-template)."""
 import json
 from pathlib import Path
 
@@ -17,7 +17,7 @@ CHAT = [
     {"role": "user", "content": "Another one?"},
     {"role": "assistant", "content": "11."},
 ]
-# The invented example of ernie_reference §2, verbatim.
+# The invented example of docs/behaviour.md#tokenizer-and-chat-template, verbatim.
 CHAT_TEXT = ("<|begin_of_sentence|>Be brief.\nUser: Name a prime number.\nAssistant: 7.<|end_of_sentence|>"
              "User: Another one?\nAssistant: 11.<|end_of_sentence|>")
 

@@ -1,19 +1,19 @@
-"""DPO data (ernie_reference §4, §5): readers and their errors, pair layout (positions, start rows,
+"""DPO data (docs/behaviour.md#dpo-data-format, #mixing-and-virtual-epochs): readers and their errors, pair layout (positions, start rows,
 targets), truncation, packing, the resumable stream, and the central property: packed share-prompt
 rows give the same chosen/rejected log-probs as each branch run alone."""
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from ernie_core.data import load_tokenizer
-from ernie_core.data.dpo import (PairSeq, PreferenceExample, build_dpo_batch, iter_dpo_packs, read_preferences,
+from ernie_core.data.dpo import (PairSeq, PreferenceExample, build_dpo_batch, read_preferences,
                                  tokenize_pair)
-from ernie_core.data.testing import make_word_tokenizer, write_jsonl
+from ernie_core.data.packing import iter_packs
+from ernie_core.data.testing import make_word_tokenizer, stand_in_config, write_jsonl
 from ernie_core.errors import DataError
 from ernie_core.models import Ernie4_5ForCausalLM
 from ernie_core.train.dpo import pair_logps
@@ -77,7 +77,7 @@ def test_malformed_lines_name_file_line_and_reason(tmp_path, row, reason):
 
 # ---- pair layout -------------------------------------------------------------------------------------
 def test_reference_example_layout():
-    """§4.2's table: P=4, chosen c0 c1 E, rejected r0 r1 E, T=10 (this project's rejected targets)."""
+    """docs/behaviour.md#dpo-pair-layout's table: P=4, chosen c0 c1 E, rejected r0 r1 E, T=10 (this project's rejected targets)."""
     ids = np.array([10, 11, 12, 13, 20, 21, 3, 30, 31, 3], np.int32)
     pair = PairSeq(ids, 4, 3, 3, np.array([3, 4], np.int32), np.array([20, 21], np.int32),
                    np.array([3, 7], np.int32), np.array([30, 31], np.int32), 1.0)
@@ -125,10 +125,10 @@ def test_prompt_truncation_drops_oldest_turns(tok):
 
 def test_greedy_packing_by_buffer():
     lengths = [6, 5, 3, 4, 2, 6, 5, 3, 4, 2]
-    assert list(iter_dpo_packs(lengths[:5], 10, True, 500)) == [[0, 3], [1, 2, 4]]  # §5.2 example
-    packs = list(iter_dpo_packs(lengths, 10, True, 5))  # two buffers, packed separately
+    assert list(iter_packs(lengths[:5], 10, True, 500)) == [[0, 3], [1, 2, 4]]  # docs/behaviour.md#packing example
+    packs = list(iter_packs(lengths, 10, True, 5))  # two buffers, packed separately
     assert packs == [[0, 3], [1, 2, 4], [5, 8], [6, 7, 9]]
-    assert list(iter_dpo_packs(lengths[:5], 10, False, 5)) == [[0], [1, 2], [3, 4]]
+    assert list(iter_packs(lengths[:5], 10, False, 5)) == [[0], [1, 2], [3, 4]]
 
 
 # ---- packed rows == branches alone ------------------------------------------------------------------
@@ -181,20 +181,10 @@ def test_head_chunking_gives_the_same_logps_and_grads(tok):
 
 # ---- stream ------------------------------------------------------------------------------------------
 def dpo_cfg(path, **over):
-    cfg = SimpleNamespace(
-        train=SimpleNamespace(train_dataset_path=str(path), train_dataset_prob="1.0", train_dataset_type="erniekit",
-                              max_seq_len=48, seed=3, random_shuffle=True, per_device_train_batch_size=2,
-                              gradient_accumulation_steps=1, num_train_epochs=1),
-        eval=SimpleNamespace(eval_dataset_path=str(path), eval_dataset_prob="1.0", eval_dataset_type="erniekit",
-                             per_device_eval_batch_size=2),
-        accel=SimpleNamespace(greedy_intokens=True, dataloader_num_workers=0),
-        sft=SimpleNamespace(num_samples_each_epoch=40),
-        dpo=SimpleNamespace(max_prompt_len=38, mask_out_eos_token=True, buffer_size=8))
-    for k, v in over.items():
-        for section in vars(cfg).values():
-            if hasattr(section, k):
-                setattr(section, k, v)
-    return cfg
+    values = dict(train_dataset_path=str(path), eval_dataset_path=str(path), max_seq_len=48, seed=3,
+                  per_device_train_batch_size=2, per_device_eval_batch_size=2, num_samples_each_epoch=40,
+                  max_prompt_len=38, mask_out_eos_token=True, buffer_size=8, stage="DPO")
+    return stand_in_config(**{**values, **over})
 
 
 def pref_file(tmp_path, n=30):

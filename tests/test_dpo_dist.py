@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from ernie_core.parallel.testing import run_cli, spawn
+from ernie_core.parallel.testing import spawn
+from ernie_core.train.testing import run_cli
 from test_parallel_layouts import _summary, assert_close_rel, assert_same_model
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]

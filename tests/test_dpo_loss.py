@@ -1,5 +1,5 @@
 """Every DPO loss type against an independent scalar (float64, math module) evaluation of its formula
-(ernie_reference §7.2/§7.3), plus finite gradients at the edges."""
+(docs/behaviour.md#dpo-loss-types, #dpo-score-offset), plus finite gradients at the edges."""
 from __future__ import annotations
 
 import math

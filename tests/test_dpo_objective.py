@@ -1,4 +1,4 @@
-"""DPOObjective pieces (ernie_reference §7.1, §7.4): reference handling (frozen copy, adapters off,
+"""DPOObjective pieces (docs/behaviour.md#dpo-log-probs, #dpo-reference-model): reference handling (frozen copy, adapters off,
 reference-free, periodic refresh), loss composition (normalize_logps, sft_loss_ratio) and metrics."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LoRA (ernie_reference §6): shapes, init, scaling rules, rsLoRA / LoRA+, merge math, adapters off,
+"""LoRA (docs/behaviour.md#lora): shapes, init, scaling rules, rsLoRA / LoRA+, merge math, adapters off,
 and parity with Hugging Face PEFT on transformers' Ernie 4.5 in both directions."""
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from ernie_core.errors import UserError
 from ernie_core.models import Ernie4_5ForCausalLM
-from ernie_core.models.io import _load_model_dir
+from ernie_core.models.io import load_model_dir as _load_model_dir
 from ernie_core.peft import apply_lora, lora_modules
 from ernie_core.peft.run import LoraRun
 from ernie_core.train.cli import main as train_main

@@ -22,7 +22,7 @@ def logits(model):
 
 
 def to_paddle(hf_state: dict, cfg: Ernie4_5Config) -> dict:
-    """Inverse of ernie_reference §1.4, written independently of io.paddle_to_hf: `model.` ->
+    """Inverse of docs/behaviour.md#checkpoints-and-paddle-names, written independently of io.paddle_to_hf: `model.` ->
     `ernie.`, q|k|v and gate|up joined by columns, every linear [in, out]."""
     out = {}
     for key, t in hf_state.items():

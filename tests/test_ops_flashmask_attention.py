@@ -19,7 +19,7 @@ fm = importlib.import_module("ernie_core.ops.flashmask_attention")
 OP = "flashmask_attention"
 
 
-# ---- mask builders (one column list per FlashMask index, ernie_reference §5.3, §4.2) -------------
+# ---- mask builders (one column list per FlashMask index, docs/behaviour.md#flashmask-row-indices, #dpo-pair-layout) -------------
 
 
 def document_lts(lengths, S):

@@ -14,7 +14,7 @@ OP = "rope"
 
 
 def packed_positions(B, S, seed=0):
-    """Position ids that restart at 0 for each packed sample (ernie_reference §5.4), pads 0."""
+    """Position ids that restart at 0 for each packed sample (docs/behaviour.md#position-ids), pads 0."""
     g = torch.Generator().manual_seed(seed)
     pos = torch.zeros(B, S, dtype=torch.int64)
     for b in range(B):

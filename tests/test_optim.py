@@ -1,4 +1,4 @@
-"""LR schedules and parameter groups against the formulas of ernie_reference §12.1/§12.3."""
+"""LR schedules and parameter groups against the formulas of docs/behaviour.md#loss-batch-optimizer, #learning-rate."""
 import math
 
 import pytest

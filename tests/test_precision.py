@@ -274,22 +274,6 @@ def test_amp_plan_levels():
     assert p.offload and p.moment_dtype == torch.bfloat16
 
 
-def test_o2_refused_under_a_distributed_layout():
-    from ernie_core.errors import ConfigError
-    from ernie_core.parallel.dims import resolve_dims
-
-    dims = resolve_dims(2, sharding="stage1")
-    AmpPlan(level="O1").check_layout(dims)
-    with pytest.raises(ConfigError, match="one process"):
-        AmpPlan(level="O2").check_layout(dims)
-    AmpPlan(level="O2").check_layout(resolve_dims(1, sharding="stage1"))
-    lora_like = torch.nn.Linear(2, 2).to(torch.bfloat16).requires_grad_(False)
-    lora_like.extra = torch.nn.Parameter(torch.zeros(2))  # only fp32 trainable weights: O2 needs no masters
-    AmpPlan(level="O2").check_layout(dims, lora_like)
-    with pytest.raises(ConfigError, match="offload_optim"):
-        AmpPlan(level="O2", offload=True).check_layout(dims, lora_like)
-
-
 class _OpDtypes:
     """Records (op, floating input dtypes, floating output dtypes) of everything dispatched."""
 

@@ -1,5 +1,5 @@
 // FlashMask attention on CPU (torch-free): blocked attention with online softmax whose mask is
-// given per key column by start/end row indices (ernie_reference.md §5.3).
+// given per key column by start/end row indices (docs/behaviour.md#flashmask-row-indices).
 //
 // Layouts: q/out/dout/dq [B, S, Hq, D], k/v/dk/dv [B, S, Hkv, D] with any batch/seq/head strides
 // (elements) and a contiguous last dim; lse [B, Hq, S] fp32 contiguous (natural log, -inf for rows

@@ -9,7 +9,7 @@
 
 namespace ernie_cpu {
 
-// y = w * cast_x(x * rstd), rstd = 1 / sqrt(mean(x^2) + eps) (ernie_reference §1.1: the normalised
+// y = w * cast_x(x * rstd), rstd = 1 / sqrt(mean(x^2) + eps) (docs/behaviour.md#model: the normalised
 // x is cast back to x's dtype before the weight multiply, like HF Ernie 4.5).
 // y/dy dtype: x's when x and w share a dtype, else fp32 (torch type promotion); dx: x's; dw: w's.
 struct RmsNormParams {

@@ -1,5 +1,5 @@
 """Paddle AMP op names (amp_custom_white_list / amp_custom_black_list) and what ernie_core's model
-does for each (ernie_reference §12.5).
+does for each (docs/behaviour.md#precision-and-parallelism).
 
 ernie_core's numerics are fixed per op: matmuls, linears, embedding lookups and the attention
 kernels run in the compute dtype (bf16) under AMP; the cross-entropy, the loss sums and divisions,

@@ -1,4 +1,4 @@
-"""DPO preference data (ernie_reference §4, §5): readers, pair -> row segment, share-prompt packing,
+"""DPO preference data (docs/behaviour.md#dpo-data-format, #mixing-and-virtual-epochs): readers, pair -> row segment, share-prompt packing,
 the endless resumable train stream, eval batches and the max_steps estimate.
 
 One pair is laid out as prompt + chosen + rejected (T = P + C + R tokens); the FlashMask start rows
@@ -11,31 +11,33 @@ A micro-batch is a dict of CPU tensors:
     chosen_index / rejected_index [Nc] / [Nr] int64   flat positions b*S + s whose prediction is scored
     chosen_target / rejected_target                   the token predicted there
     chosen_pair / rejected_pair                       pair number in [0, num_pairs) of each entry
-    score_delta [num_pairs] fp32                      the data's score gap (§7.3)
+    score_delta [num_pairs] fp32                      the data's score gap (docs/behaviour.md#dpo-score-offset)
     labels [B, S] int64   -100 except one 0 at each pair's first column: one unit of weight per pair,
                           so the trainer's eval average is a mean over pairs
     num_pairs, num_tokens (real tokens) ints
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ernie_core.data.mixing import SourceCycler, epoch_counts, epoch_order, parse_sources
-from ernie_core.data.packing import iter_next_fit, pack_greedy
-from ernie_core.data.readers import _iter_json_array, _iter_jsonl, _read_bytes, _turn_list
+from ernie_core.data.packing import iter_next_fit, iter_packs
+from ernie_core.data.readers import iter_rows, read_is_system, split_system, turn_list
+from ernie_core.data.stream import TrainStream, build_stream, eval_specs, train_specs, validate_datasets
 from ernie_core.errors import DataError
 
 DPO_TYPES = ("erniekit", "alpaca")
 _ALPACA_PROMPT_KEYS = ("question", "prompt", "query")
 logger = logging.getLogger("ernie_core.data")
+
+if TYPE_CHECKING:
+    from ernie_core.config import TrainConfig
 
 
 # ---- reading --------------------------------------------------------------------------------------
@@ -74,7 +76,7 @@ def _response(path, line, value, k) -> tuple[str, ...]:
 
 
 def _score_delta(path, line, row, chosen: int) -> float:
-    """§7.3 (this project): `score` (a number = the delta, or a 2-list aligned with response), else
+    """docs/behaviour.md#dpo-score-offset (this project): `score` (a number = the delta, or a 2-list aligned with response), else
     the sort gap. A delta <= 0 would make log(delta) undefined: the row is invalid."""
     score = row.get("score")
     if score is None:
@@ -91,18 +93,16 @@ def _score_delta(path, line, row, chosen: int) -> float:
 
 
 def parse_dpo_row(path, line: int, row) -> PreferenceExample:
-    """Validate one erniekit DPO row (ernie_reference §4.1)."""
+    """Validate one erniekit DPO row (docs/behaviour.md#dpo-data-format)."""
     if not isinstance(row, dict):
         raise DataError(path, line, f"row must be a JSON object, got {type(row).__name__}")
-    is_system = row.get("is_system", 0)
-    if is_system not in (0, 1, True, False):
-        raise DataError(path, line, f"'is_system' must be 0 or 1, got {is_system!r}")
-    src = _turn_list(path, line, row, "src")
+    is_system = read_is_system(path, line, row)
+    src = turn_list(path, line, row, "src")
     tgt_raw = row.get("tgt", [])
     if tgt_raw in ([], None):
         tgt = []
     else:
-        tgt = _turn_list(path, line, row, "tgt", skip_first=bool(is_system))
+        tgt = turn_list(path, line, row, "tgt", skip_first=is_system)
     if len(src) != len(tgt) + 1:
         raise DataError(path, line, f"'src' has {len(src)} turns and 'tgt' {len(tgt)}; DPO needs one more src "
                         "than tgt (the last user turn is answered by the responses)")
@@ -118,16 +118,7 @@ def parse_dpo_row(path, line: int, row) -> PreferenceExample:
         raise DataError(path, line, f"'sort' values are equal ({sort[0]}); the higher one marks the chosen response")
     chosen = 0 if sort[0] > sort[1] else 1
     responses = [_response(path, line, r, k) for k, r in enumerate(response)]
-    system = row.get("system")
-    if system is not None and not isinstance(system, str):
-        raise DataError(path, line, f"'system' must be a string, got {type(system).__name__}")
-    system = system.strip() if system and system.strip() else None
-    if is_system:
-        if system is not None:
-            raise DataError(path, line, "both 'system' and 'is_system' are set; keep one")
-        if len(src) < 2:
-            raise DataError(path, line, "'is_system' needs src[0] as system prompt plus at least one turn")
-        system, src, tgt = src[0], src[1:], tgt[1:]
+    system, src, tgt = split_system(path, line, row, is_system, src, tgt)
     return PreferenceExample(tuple(src), tuple(tgt), responses[chosen], responses[1 - chosen],
                              _score_delta(path, line, row, chosen), system)
 
@@ -154,15 +145,9 @@ def read_preferences(path, kind: str = "erniekit"):
     path = Path(path)
     if kind not in DPO_TYPES:
         raise DataError(path, None, f"DPO dataset type {kind!r} is not supported; use one of {', '.join(DPO_TYPES)}")
-    data = _read_bytes(path)
     parse = parse_dpo_row if kind == "erniekit" else parse_alpaca_pref_row
-    is_array = data.lstrip()[:1] == b"["
-    count = 0
-    for line_no, row in (_iter_json_array if is_array else _iter_jsonl)(path, data):
-        count += 1
+    for line_no, row in iter_rows(path, allow_array=True):
         yield line_no, parse(path, line_no, row)
-    if count == 0:
-        raise DataError(path, None, "the file holds no rows")
 
 
 # ---- pair -> tokens -------------------------------------------------------------------------------
@@ -188,7 +173,7 @@ class PairSeq:
 def _response_targets(chunks, start: int, sep_id: int, eos_id: int, mask_out_eos: bool):
     """(positions, targets) of one branch. chunks: [(tokens, is_assistant)] laid out from logical
     position `start`; an answer a is predicted from the position before it, a[j] at start+j-1; its
-    final end-of-turn token is skipped with mask_out_eos (§4.2), else trained as eos (as in SFT)."""
+    final end-of-turn token is skipped with mask_out_eos (docs/behaviour.md#dpo-pair-layout), else trained as eos (as in SFT)."""
     pos, tgt, at = [], [], start
     for tokens, assistant in chunks:
         if assistant:
@@ -207,7 +192,7 @@ def _response_targets(chunks, start: int, sep_id: int, eos_id: int, mask_out_eos
 def tokenize_pair(tok, ex: PreferenceExample, max_seq_len: int, max_prompt_len: int, mask_out_eos: bool = True):
     """PairSeq, or the drop reason "too_long" / "no_loss".
 
-    Truncation (§4.2): both responses stay whole; prompt turns are added back to front while
+    Truncation (docs/behaviour.md#dpo-pair-layout): both responses stay whole; prompt turns are added back to front while
     P + C + R <= max_seq_len and P <= max_prompt_len (the oldest turns go first; no cls re-add).
     The rejected branch's first token is predicted at P - 1, like the chosen one (this project).
     """
@@ -269,7 +254,7 @@ def tokenize_preference_file(path, kind, tok, max_seq_len: int, max_prompt_len: 
 def build_dpo_batch(rows, seq_len: int, pad_id: int) -> dict:
     """rows: list of packed rows, each a list of PairSeq whose lengths sum <= seq_len -> micro-batch
     (module docstring). Pair at offset off: position ids 0..P-1, P..P+C-1, P..P+R-1; start rows
-    [off+T]*P + [off+P+C]*C + [off+T]*R (§4.2); a pad column j gets j (no row sees it)."""
+    [off+T]*P + [off+P+C]*C + [off+T]*R (docs/behaviour.md#dpo-pair-layout); a pad column j gets j (no row sees it)."""
     B = len(rows)
     input_ids = np.full((B, seq_len), pad_id, np.int64)
     position_ids = np.zeros((B, seq_len), np.int64)
@@ -310,148 +295,40 @@ def build_dpo_batch(rows, seq_len: int, pad_id: int) -> dict:
     return batch
 
 
-def iter_dpo_packs(lengths, capacity: int, greedy: bool, buffer_size: int):
-    """Packs (lists of positions into `lengths`): greedy per `buffer_size` pairs (§5.2) or next-fit."""
-    if not greedy:
-        yield from iter_next_fit(lengths, capacity)
-        return
-    for lo in range(0, len(lengths), buffer_size):
-        for pack in pack_greedy(lengths[lo:lo + buffer_size], capacity):
-            yield [lo + p for p in pack]
-
-
 # ---- config glue ----------------------------------------------------------------------------------
-def _train_specs(cfg):
-    t = cfg.train
-    return parse_sources(t.train_dataset_path, t.train_dataset_prob, t.train_dataset_type, "train")
-
-
-def _eval_specs(cfg):
-    e = cfg.eval
-    if not e.eval_dataset_path:
-        return []
-    return parse_sources(e.eval_dataset_path, e.eval_dataset_prob, e.eval_dataset_type, "eval")
-
-
 def _load(specs, cfg, tok):
     d = cfg.dpo
     return [tokenize_preference_file(s.path, s.kind, tok, cfg.train.max_seq_len, d.max_prompt_len,
                                      d.mask_out_eos_token) for s in specs]
 
 
-def validate_preference_datasets(cfg) -> dict[str, int]:
+def validate_preference_datasets(cfg: "TrainConfig") -> dict[str, int]:
     """Read every train and eval file once; DataError at the first malformed line. {path: rows}."""
-    rows = {}
-    for spec in _train_specs(cfg) + _eval_specs(cfg):
-        if spec.path not in rows:
-            rows[spec.path] = sum(1 for _ in read_preferences(spec.path, spec.kind))
-    return rows
+    return validate_datasets(cfg, read=read_preferences)
 
 
-class _DPOPlanner:
-    """Which pairs form each packed row and each of this rank's micro-batches (index arithmetic only)."""
+class PairBatchBuilder:
+    """DPO: a plan (rows of (source, pair)) -> the micro-batch tensors of packed preference pairs."""
 
-    def __init__(self, sources, counts, seed, shuffle, greedy, buffer_size, seq_len, batch_size, dp_rank, dp_world):
-        self.sources, self.counts = sources, counts
-        self.seed, self.shuffle, self.greedy, self.buffer_size = seed, shuffle, greedy, buffer_size
-        self.seq_len, self.bs, self.dp_rank, self.dp_world = seq_len, batch_size, dp_rank, dp_world
+    def __init__(self, sources, seq_len: int, pad_id: int):
+        self.sources, self.seq_len, self.pad_id = sources, seq_len, pad_id
 
-    def packs(self):
-        cyclers = [SourceCycler(len(s), self.seed, self.shuffle) for s in self.sources]
-        for epoch in itertools.count():
-            src, row = epoch_order(cyclers, self.counts, epoch, self.shuffle)
-            pairs = [self.sources[s][r] for s, r in zip(src.tolist(), row.tolist())]
-            for pack in iter_dpo_packs([len(p) for p in pairs], self.seq_len, self.greedy, self.buffer_size):
-                yield [pairs[p] for p in pack]
-
-    def plans(self):
-        """This rank's micro-batches: global batches of bs*dp rows, slice dp_rank (§5.1)."""
-        packs, bs = self.packs(), self.bs
-        while True:
-            rows = [next(packs) for _ in range(bs * self.dp_world)]
-            yield rows[self.dp_rank * bs:(self.dp_rank + 1) * bs]
+    def __call__(self, plan) -> dict:
+        return build_dpo_batch([[self.sources[s][r] for s, r in pack] for pack in plan], self.seq_len, self.pad_id)
 
 
-class _PlanDataset(IterableDataset):
-    """Micro-batches from number `start` on; under a DataLoader, worker w builds every W-th one
-    (torch's DataLoader reads its workers round-robin, so the order is that of no workers)."""
-
-    def __init__(self, planner: _DPOPlanner, pad_id: int, start: int):
-        self.planner, self.pad_id, self.start = planner, pad_id, start
-
-    def __iter__(self):
-        info = get_worker_info()
-        w, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        for m, plan in enumerate(itertools.islice(self.planner.plans(), self.start, None)):
-            if m % n_workers == w:
-                yield build_dpo_batch(plan, self.planner.seq_len, self.pad_id)
-
-
-class DPOStream:
-    """Endless, deterministic micro-batches of packed pairs (this rank's slice of each global batch).
-    Same interface as the SFT stream: iterator, packing_efficiency, state_dict/load_state_dict, close.
-    Resuming replays the (cheap) packing plan and skips the consumed micro-batches. With
-    num_workers = W > 0 (dataloader_num_workers), W DataLoader workers build the batch tensors;
-    the batches are the same as with none."""
-
-    def __init__(self, sources, counts, *, seed, shuffle, greedy, buffer_size, seq_len, batch_size, pad_id,
-                 dp_rank=0, dp_world=1, num_workers=0):
-        self.planner = _DPOPlanner(sources, counts, seed, shuffle, greedy, buffer_size, seq_len, batch_size,
-                                   dp_rank, dp_world)
-        self.seq_len, self.pad_id, self.num_workers = seq_len, pad_id, num_workers
-        self._consumed, self._real_tokens, self._rows = 0, 0, 0
-        self._it = None
-
-    def _open(self):
-        dataset = _PlanDataset(self.planner, self.pad_id, self._consumed)
-        if self.num_workers == 0:
-            return iter(dataset)
-        # batch_size=None: the dataset already yields whole micro-batches.
-        return iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers))
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        if self._it is None:
-            self._it = self._open()
-        batch = next(self._it)
-        self._consumed += 1
-        self._real_tokens += batch["num_tokens"]
-        self._rows += batch["input_ids"].shape[0]
-        return batch
-
-    @property
-    def packing_efficiency(self) -> float:
-        return self._real_tokens / (self._rows * self.seq_len) if self._rows else 1.0
-
-    def state_dict(self) -> dict:
-        return {"micro_batches": self._consumed, "real_tokens": self._real_tokens, "rows": self._rows}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.close()
-        self._consumed = int(state["micro_batches"])
-        self._real_tokens, self._rows = int(state.get("real_tokens", 0)), int(state.get("rows", 0))
-
-    def close(self) -> None:
-        """Stop DataLoader workers (dropping the iterator shuts them down)."""
-        self._it = None
-
-
-def build_dpo_stream(cfg, tok, dp_rank: int = 0, dp_world: int = 1) -> DPOStream:
-    specs = _train_specs(cfg)
-    sources = _load(specs, cfg, tok)
-    counts = epoch_counts(specs, cfg.sft.num_samples_each_epoch)
-    return DPOStream(sources, counts, seed=cfg.train.seed, shuffle=cfg.train.random_shuffle,
-                     greedy=cfg.accel.greedy_intokens, buffer_size=cfg.dpo.buffer_size, seq_len=cfg.train.max_seq_len,
-                     batch_size=cfg.train.per_device_train_batch_size, pad_id=tok.pad_id,
-                     dp_rank=dp_rank, dp_world=dp_world,
-                     num_workers=int(getattr(cfg.accel, "dataloader_num_workers", 0) or 0))
+def build_dpo_stream(cfg: "TrainConfig", tok, dp_rank: int = 0, dp_world: int = 1) -> TrainStream:
+    """The DPO train stream: the SFT stream's planner and resumable iterator over pairs (a pair's length
+    is prompt + chosen + rejected tokens), greedy-packed per `buffer_size` pairs."""
+    sources = _load(train_specs(cfg), cfg, tok)
+    lengths = [[len(p) for p in src] for src in sources]
+    return build_stream(cfg, lengths, PairBatchBuilder(sources, cfg.train.max_seq_len, tok.pad_id),
+                        buffer_size=cfg.dpo.buffer_size, dp_rank=dp_rank, dp_world=dp_world)
 
 
 def build_dpo_eval_batches(cfg, tok, dp_rank: int = 0, dp_world: int = 1) -> list[dict]:
     """Every eval pair once, in file order, next-fit packed; `per_device_eval_batch_size` rows a batch."""
-    specs = _eval_specs(cfg)
+    specs = eval_specs(cfg)
     if not specs:
         return []
     pairs = [p for src in _load(specs, cfg, tok) for p in src]
@@ -463,9 +340,9 @@ def build_dpo_eval_batches(cfg, tok, dp_rank: int = 0, dp_world: int = 1) -> lis
 
 
 def estimate_dpo_max_steps(cfg, tok) -> int:
-    """§5.1 for pairs: N = n (one source) or Σ ceil(n_i·prob_origin_i) pairs, packed as in training;
+    """docs/behaviour.md#mixing-and-virtual-epochs for pairs: N = n (one source) or Σ ceil(n_i·prob_origin_i) pairs, packed as in training;
     ceil(packs · epochs / (batch_size · grad_accum)) (the trainer folds dp x sharding into batch_size)."""
-    specs = _train_specs(cfg)
+    specs = train_specs(cfg)
     sources = _load(specs, cfg, tok)
     if len(sources) == 1:
         lengths = [len(p) for p in sources[0]]
@@ -474,8 +351,8 @@ def estimate_dpo_max_steps(cfg, tok) -> int:
                    for i in range(math.ceil(len(src) * spec.prob_origin))]
     if cfg.train.random_shuffle:
         lengths = [lengths[i] for i in np.random.RandomState(cfg.train.seed).permutation(len(lengths))]
-    packs = sum(1 for _ in iter_dpo_packs(lengths, cfg.train.max_seq_len, cfg.accel.greedy_intokens,
-                                          cfg.dpo.buffer_size))
+    packs = sum(1 for _ in iter_packs(lengths, cfg.train.max_seq_len, cfg.accel.greedy_intokens,
+                                      cfg.dpo.buffer_size))
     t = cfg.train
     return max(1, math.ceil(packs * float(t.num_train_epochs) / (t.per_device_train_batch_size
                                                                  * t.gradient_accumulation_steps)))

@@ -1,7 +1,7 @@
 """Evaluation data: loss batches (every row once, in order) and generation prompts for exact match.
 
 Eval batches use sequential (next-fit) packing: rows stay in file order and each appears exactly
-once, never reordered by greedy packing (ernie_reference §3.2 "Eval"). Because labels, position
+once, never reordered by greedy packing (docs/behaviour.md#sft-row-to-sequence "Eval"). Because labels, position
 ids and the FlashMask indices separate samples, packing does not change the eval loss; it only
 avoids computing on padding.
 """

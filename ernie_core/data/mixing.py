@@ -1,4 +1,4 @@
-"""Multi-source mixing into virtual epochs and the max_steps estimate (ernie_reference §5.1)."""
+"""Multi-source mixing into virtual epochs and the max_steps estimate (docs/behaviour.md#mixing-and-virtual-epochs)."""
 from __future__ import annotations
 
 import math

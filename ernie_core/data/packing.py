@@ -1,5 +1,5 @@
-"""Packing sequences into rows of max_seq_len (ernie_reference §5.2) and building the row tensors
-(position ids §5.4, FlashMask LTS indices §5.3)."""
+"""Packing sequences into rows of max_seq_len (docs/behaviour.md#packing) and building the row tensors
+(position ids docs/behaviour.md#position-ids, FlashMask LTS indices docs/behaviour.md#flashmask-row-indices)."""
 from __future__ import annotations
 
 import heapq
@@ -51,13 +51,14 @@ def iter_next_fit(lengths: Iterable[int], capacity: int) -> Iterator[list[int]]:
         yield pack
 
 
-def iter_packs(lengths, capacity: int, greedy: bool) -> Iterator[list[int]]:
-    """Packs of positions into `lengths` (a sequence), greedy per 500-buffer or next-fit."""
+def iter_packs(lengths, capacity: int, greedy: bool, buffer_size: int = GREEDY_BUFFER) -> Iterator[list[int]]:
+    """Packs of positions into `lengths` (a sequence): greedy within each buffer of `buffer_size`
+    items (SFT: 500, DPO: the `buffer_size` option), or next-fit."""
     if not greedy:
         yield from iter_next_fit(lengths, capacity)
         return
-    for lo in range(0, len(lengths), GREEDY_BUFFER):
-        for pack in pack_greedy(lengths[lo:lo + GREEDY_BUFFER], capacity):
+    for lo in range(0, len(lengths), buffer_size):
+        for pack in pack_greedy(lengths[lo:lo + buffer_size], capacity):
             yield [lo + p for p in pack]
 
 
@@ -67,7 +68,7 @@ def build_rows(rows, seq_len: int, pad_id: int) -> dict:
     rows: list of rows, each a list of (input_ids, labels) int arrays whose lengths sum <= seq_len.
     Returns input_ids/labels/position_ids [B,S] int64, attn_mask_startend_row_indices [B,1,S,1]
     int32 and num_tokens (real tokens). A sample in columns [off, off+n) gets LTS off+n (rows from
-    there on cannot see it); a pad column j gets LTS j, so no row sees it (§5.3 example (a)).
+    there on cannot see it); a pad column j gets LTS j, so no row sees it (docs/behaviour.md#flashmask-row-indices).
     """
     b = len(rows)
     input_ids = np.full((b, seq_len), pad_id, np.int64)
@@ -83,7 +84,7 @@ def build_rows(rows, seq_len: int, pad_id: int) -> dict:
                 raise ValueError(f"row {r} holds more than {seq_len} tokens")
             input_ids[r, off:off + n] = ids
             labels[r, off:off + n] = lab
-            position_ids[r, off:off + n] = np.arange(n)  # restart per sample (§5.4 this project)
+            position_ids[r, off:off + n] = np.arange(n)  # restart per sample (docs/behaviour.md#position-ids this project)
             start_rows[r, off:off + n] = off + n
             off += n
         num_tokens += off

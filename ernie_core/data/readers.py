@@ -1,7 +1,10 @@
-"""SFT file readers: erniekit JSONL (+ .gz) and alpaca (JSON list or JSONL); ernie_reference §3.1.
+"""File readers: erniekit JSONL (+ .gz) and alpaca (JSON list or JSONL); the row formats are in
+docs/behaviour.md ("Data format").
 
-Every malformed line raises DataError(path, line, reason) at once: training never starts on data it
-would silently skip. Blank lines in JSONL files carry no row and are ignored.
+The public reader API, shared by SFT (here) and DPO (data/dpo.py): `iter_rows` (a file's JSON rows with
+their line numbers), `turn_list`, `optional_str`, `read_is_system` / `split_system` (the system-prompt
+fields). Every malformed line raises DataError(path, line, reason) at once: training never starts on
+data it would silently skip. Blank lines in JSONL files carry no row and are ignored.
 """
 from __future__ import annotations
 
@@ -34,7 +37,8 @@ class Example:
         return msgs
 
 
-def _read_bytes(path: Path) -> bytes:
+def read_bytes(path: Path) -> bytes:
+    """The file's bytes (.gz decompressed); DataError naming the file when it is missing or unreadable."""
     if not path.is_file():
         raise DataError(path, None, "file not found")
     opener = gzip.open if path.suffix == ".gz" else open
@@ -52,7 +56,7 @@ def _decode_line(path: Path, line_no: int, raw: bytes) -> str:
         raise DataError(path, line_no, f"invalid UTF-8 (byte {e.start} of the line)") from None
 
 
-def _iter_jsonl(path: Path, data: bytes) -> Iterator[tuple[int, object]]:
+def iter_jsonl(path: Path, data: bytes) -> Iterator[tuple[int, object]]:
     for line_no, raw in enumerate(data.split(b"\n"), start=1):
         text = _decode_line(path, line_no, raw).strip()
         if not text:
@@ -63,7 +67,7 @@ def _iter_jsonl(path: Path, data: bytes) -> Iterator[tuple[int, object]]:
             raise DataError(path, line_no, f"invalid JSON: {e}") from None
 
 
-def _iter_json_array(path: Path, data: bytes) -> Iterator[tuple[int, object]]:
+def iter_json_array(path: Path, data: bytes) -> Iterator[tuple[int, object]]:
     """Elements of a top-level JSON list, each with the line it starts on."""
     try:
         text = data.decode("utf-8")
@@ -97,7 +101,9 @@ def _iter_json_array(path: Path, data: bytes) -> Iterator[tuple[int, object]]:
             raise DataError(path, line, "invalid JSON: expected ',' or ']' after a list element")
 
 
-def _turn_list(path, line, row, key, skip_first: bool = False) -> list[str]:
+def turn_list(path, line, row, key, skip_first: bool = False) -> list[str]:
+    """row[key] as a list of stripped, non-blank strings (a single string is one turn); skip_first lets
+    turn 0 be blank (is_system rows discard it)."""
     if key not in row:
         raise DataError(path, line, f"missing {key!r}")
     value = row[key]
@@ -132,32 +138,59 @@ def _labels(path, line, row, n_turns) -> list[int]:
     return [int(v) for v in value]
 
 
-def _optional_str(path, line, row, key) -> str | None:
+def optional_str(path, line, row, key) -> str | None:
+    """row[key] stripped, None when absent or blank; DataError when it is not a string."""
     value = row.get(key)
     if value is not None and not isinstance(value, str):
         raise DataError(path, line, f"{key!r} must be a string, got {type(value).__name__}")
     return value.strip() if value and value.strip() else None
 
 
-def parse_erniekit_row(path, line: int, row) -> Example:
-    """Validate one erniekit row and turn it into an Example (ernie_reference §3.1)."""
-    if not isinstance(row, dict):
-        raise DataError(path, line, f"row must be a JSON object, got {type(row).__name__}")
+def read_is_system(path, line, row) -> bool:
+    """The row's `is_system` flag (0/1): src[0] (and tgt[0]) then carry the system prompt."""
     is_system = row.get("is_system", 0)
     if is_system not in (0, 1, True, False):
         raise DataError(path, line, f"'is_system' must be 0 or 1, got {is_system!r}")
-    src = _turn_list(path, line, row, "src")
-    tgt = _turn_list(path, line, row, "tgt", skip_first=bool(is_system))
+    return bool(is_system)
+
+
+def split_system(path, line, row, is_system: bool, src: list, *per_turn: list):
+    """(system, src, *per_turn): the row's `system` string, or with is_system src[0] as the system
+    prompt and the first entry dropped from src and every per-turn list (tgt, label...)."""
+    system = optional_str(path, line, row, "system")
+    if not is_system:
+        return (system, src, *per_turn)
+    if system is not None:
+        raise DataError(path, line, "both 'system' and 'is_system' are set; keep one")
+    if len(src) < 2:
+        raise DataError(path, line, "'is_system' needs src[0] as system prompt plus at least one turn")
+    return (src[0], src[1:], *(t[1:] for t in per_turn))
+
+
+def iter_rows(path: Path, *, allow_array: bool) -> Iterator[tuple[int, object]]:
+    """(line_no, JSON row) of a JSONL file, or of a top-level JSON list when allow_array and the file
+    starts with '['; DataError when it holds no row."""
+    data = read_bytes(path)
+    is_array = allow_array and data.lstrip()[:1] == b"["
+    count = 0
+    for line_no, row in (iter_json_array if is_array else iter_jsonl)(path, data):
+        count += 1
+        yield line_no, row
+    if count == 0:
+        raise DataError(path, None, "the file holds no rows")
+
+
+def parse_erniekit_row(path, line: int, row) -> Example:
+    """Validate one erniekit row and turn it into an Example."""
+    if not isinstance(row, dict):
+        raise DataError(path, line, f"row must be a JSON object, got {type(row).__name__}")
+    is_system = read_is_system(path, line, row)
+    src = turn_list(path, line, row, "src")
+    tgt = turn_list(path, line, row, "tgt", skip_first=is_system)
     if len(src) != len(tgt):
         raise DataError(path, line, f"'src' has {len(src)} turns but 'tgt' has {len(tgt)}")
     label = _labels(path, line, row, len(src))
-    system = _optional_str(path, line, row, "system")
-    if is_system:
-        if system is not None:
-            raise DataError(path, line, "both 'system' and 'is_system' are set; keep one")
-        if len(src) < 2:
-            raise DataError(path, line, "'is_system' needs src[0] as system prompt plus at least one turn")
-        system, src, tgt, label = src[0], src[1:], tgt[1:], label[1:]
+    system, src, tgt, label = split_system(path, line, row, is_system, src, tgt, label)
     return Example(tuple(src), tuple(tgt), tuple(label), system)
 
 
@@ -183,14 +216,7 @@ def read_examples(path: str | Path, kind: str = "erniekit") -> Iterator[tuple[in
     path = Path(path)
     if kind not in SFT_TYPES:
         raise DataError(path, None, f"dataset type {kind!r} is not supported; use one of {', '.join(SFT_TYPES)}")
-    data = _read_bytes(path)
     parse = parse_erniekit_row if kind == "erniekit" else parse_alpaca_row
     # alpaca files are usually one JSON list; JSONL is accepted for both types.
-    is_array = kind == "alpaca" and data.lstrip()[:1] == b"["
-    rows = (_iter_json_array if is_array else _iter_jsonl)(path, data)
-    count = 0
-    for line_no, row in rows:
-        count += 1
+    for line_no, row in iter_rows(path, allow_array=kind == "alpaca"):
         yield line_no, parse(path, line_no, row)
-    if count == 0:
-        raise DataError(path, None, "the file holds no rows")

@@ -1,4 +1,4 @@
-"""Row -> training sequence (ernie_reference §3.2, with this project's mask), and the tokenized store.
+"""Row -> training sequence (docs/behaviour.md#sft-row-to-sequence, with this project's mask), and the tokenized store.
 
 A sequence is (input_ids, labels) of equal length <= max_seq_len; labels are -100 where no loss is
 taken. Dropped rows (too long, or nothing to train) are counted and logged, never lost silently.
@@ -14,7 +14,7 @@ import numpy as np
 from ernie_core.data.readers import Example, read_examples
 
 IGNORE_INDEX = -100
-# Room ERNIEKit keeps free when truncating (`max_seq_len + 1 - cur_len - 8`), ernie_reference §3.2.
+# Room ERNIEKit keeps free when truncating (`max_seq_len + 1 - cur_len - 8`), docs/behaviour.md#sft-row-to-sequence.
 _TRUNCATION_SLACK = 8
 logger = logging.getLogger("ernie_core.data")
 
@@ -34,7 +34,7 @@ def first_kept_turn(turns, max_seq_len: int) -> int:
 
 
 def build_sequence(turns, labels, cls_id: int, sep_id: int, eos_id: int):
-    """Steps 2-5 of §3.2 on already-truncated turns [(q_ids, a_ids), ...] with per-turn labels.
+    """Steps 2-5 of docs/behaviour.md#sft-row-to-sequence on already-truncated turns [(q_ids, a_ids), ...] with per-turn labels.
 
     Returns (input_ids, labels) as int32 arrays, or None when no position carries loss.
     Mask (this project): non-final turn `[0]*(len(q)-1) + [label]*len(a) + [0]`, final turn

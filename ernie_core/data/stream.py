@@ -1,6 +1,7 @@
-"""The endless, deterministic, resumable SFT train stream; dataset validation; max_steps estimate.
+"""The endless, deterministic, resumable train stream (SFT and DPO); dataset validation; max_steps estimate.
 
-Pipeline: files -> tokenized sources (once, in memory) -> virtual epochs (§5.1) -> packs (§5.2)
+Pipeline: files -> tokenized sources (once, in memory) -> virtual epochs -> packs (docs/behaviour.md,
+"Data: mixing, epochs, packing")
 -> global batches of bs*dp rows -> this rank's slice -> tensors. Everything up to the tensors is
 index arithmetic on sequence lengths, so skipping k micro-batches on resume is cheap and never
 re-tokenizes. With dataloader_num_workers = W > 0, worker w builds the tensors of micro-batches
@@ -12,37 +13,32 @@ import itertools
 import math
 import os
 import weakref
+from functools import partial
+from typing import TYPE_CHECKING
 
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ernie_core.data.mixing import SourceCycler, epoch_counts, epoch_order, estimate_packs, parse_sources
-from ernie_core.data.packing import build_rows, iter_packs
+from ernie_core.data.packing import GREEDY_BUFFER, build_rows, iter_packs
 from ernie_core.data.readers import read_examples
 from ernie_core.data.sequence import tokenize_file
 from ernie_core.errors import DataError
 
-DEFAULT_NUM_SAMPLES_EACH_EPOCH = 6_000_000
+if TYPE_CHECKING:
+    from ernie_core.config import TrainConfig
 
 
-def _opt(section, name, default):
-    """Optional config field; lets stand-in config objects omit fields that have table defaults."""
-    value = getattr(section, name, default) if section is not None else default
-    return default if value is None else value
-
-
-def train_specs(cfg):
+def train_specs(cfg: "TrainConfig"):
     t = cfg.train
-    return parse_sources(t.train_dataset_path, _opt(t, "train_dataset_prob", "1.0"),
-                         _opt(t, "train_dataset_type", "erniekit"), "train")
+    return parse_sources(t.train_dataset_path, t.train_dataset_prob, t.train_dataset_type, "train")
 
 
-def eval_specs(cfg):
-    e = getattr(cfg, "eval", None)
-    if not _opt(e, "eval_dataset_path", ""):
+def eval_specs(cfg: "TrainConfig"):
+    e = cfg.eval
+    if not e.eval_dataset_path:
         return []
-    return parse_sources(e.eval_dataset_path, _opt(e, "eval_dataset_prob", "1.0"),
-                         _opt(e, "eval_dataset_type", "erniekit"), "eval")
+    return parse_sources(e.eval_dataset_path, e.eval_dataset_prob, e.eval_dataset_type, "eval")
 
 
 # Tokenized files per tokenizer, so estimate_max_steps and build_train_stream in one run tokenize
@@ -72,22 +68,28 @@ def load_sources(specs, tok, max_seq_len: int):
     return sources
 
 
-def validate_datasets(cfg, tok=None) -> dict[str, int]:
-    """Read every train and eval file once (no tokenization) and raise DataError at the first bad
-    line; returns {path: rows}. Sources with prob 0 are dropped from training, so not read."""
+def validate_datasets(cfg: "TrainConfig", tok=None, read=read_examples) -> dict[str, int]:
+    """Read every train and eval file once with `read(path, kind)` (SFT rows by default; DPO passes its
+    preference reader), no tokenization, and raise DataError at the first bad line; returns
+    {path: rows}. Sources with prob 0 are dropped from training, so not read."""
     rows = {}
     for spec in train_specs(cfg) + eval_specs(cfg):
         if spec.path not in rows:
-            rows[spec.path] = sum(1 for _ in read_examples(spec.path, spec.kind))
+            rows[spec.path] = sum(1 for _ in read(spec.path, spec.kind))
     return rows
 
 
-class _BatchPlanner:
-    """Which (source, row) samples form each packed row and each of this rank's micro-batches."""
+class BatchPlanner:
+    """Which items (source, row) form each packed row and each of this rank's micro-batches: index
+    arithmetic on item lengths only, shared by SFT (sequences) and DPO (preference pairs).
 
-    def __init__(self, lengths, counts, seed, shuffle, greedy, seq_len, batch_size, dp_rank, dp_world):
-        self.lengths, self.counts = lengths, counts
-        self.seed, self.shuffle, self.greedy, self.seq_len = seed, shuffle, greedy, seq_len
+    lengths: per source, the token count of every item; counts: items per source in one virtual epoch;
+    pack(lengths) -> packs of positions (e.g. `iter_packs` with the run's capacity and greedy buffer)."""
+
+    def __init__(self, lengths, counts, *, seed: int, shuffle: bool, pack, batch_size: int, dp_rank: int = 0,
+                 dp_world: int = 1):
+        self.lengths, self.counts = [np.asarray(n) for n in lengths], counts
+        self.seed, self.shuffle, self.pack = seed, shuffle, pack
         self.batch_size, self.dp_rank, self.dp_world = batch_size, dp_rank, dp_world
 
     def packs(self):
@@ -99,23 +101,32 @@ class _BatchPlanner:
             for i, n in enumerate(self.lengths):
                 lens[src == i] = n[row[src == i]]
             src, row = src.tolist(), row.tolist()
-            for pack in iter_packs(lens.tolist(), self.seq_len, self.greedy):
+            for pack in self.pack(lens.tolist()):
                 yield [(src[p], row[p]) for p in pack]
 
     def batches(self):
-        """This rank's micro-batches: cut global batches of bs*dp rows, keep slice dp_rank (§5.1)."""
+        """This rank's micro-batches: cut global batches of bs*dp rows, keep slice dp_rank."""
         packs, bs = self.packs(), self.batch_size
         while True:
             rows = [next(packs) for _ in range(bs * self.dp_world)]
             yield rows[self.dp_rank * bs:(self.dp_rank + 1) * bs]
 
 
-class _BatchDataset(IterableDataset):
+class SequenceBatchBuilder:
+    """SFT: a plan (rows of (source, row)) -> the micro-batch tensors of packed sequences."""
+
+    def __init__(self, sources, seq_len: int, pad_id: int):
+        self.sources, self.seq_len, self.pad_id = sources, seq_len, pad_id
+
+    def __call__(self, plan) -> dict:
+        return build_rows([[self.sources[s].get(r) for s, r in pack] for pack in plan], self.seq_len, self.pad_id)
+
+
+class _PlanDataset(IterableDataset):
     """Micro-batches from number `start` on; under a DataLoader, worker w builds every W-th one."""
 
-    def __init__(self, planner, sources, seq_len, pad_id, start):
-        self.planner, self.sources, self.seq_len, self.pad_id, self.start = (
-            planner, sources, seq_len, pad_id, start)
+    def __init__(self, planner, build, start):
+        self.planner, self.build, self.start = planner, build, start
 
     def __iter__(self):
         info = get_worker_info()
@@ -123,24 +134,28 @@ class _BatchDataset(IterableDataset):
         plans = itertools.islice(self.planner.batches(), self.start, None)
         for m, plan in enumerate(plans):
             if m % n_workers == w:
-                rows = [[self.sources[s].get(r) for s, r in pack] for pack in plan]
-                yield build_rows(rows, self.seq_len, self.pad_id)
+                yield self.build(plan)
 
 
 class TrainStream:
-    """Endless iterator of micro-batch dicts (CONTRACTS.md); `state_dict()` counts micro-batches."""
+    """Endless iterator of micro-batch dicts (docs/dev/CONTRACTS.md); `state_dict()` counts micro-batches.
+    `build(plan)` turns one micro-batch plan of the planner into tensors (SFT rows, DPO pairs); every
+    batch dict carries `input_ids` and `num_tokens` (real tokens)."""
 
-    def __init__(self, planner, sources, seq_len, pad_id, num_workers=0):
-        self._planner, self.sources, self.seq_len, self.pad_id = planner, sources, seq_len, pad_id
-        self.num_workers = num_workers
+    def __init__(self, planner: BatchPlanner, build, seq_len: int, num_workers: int = 0):
+        self.planner, self.build, self.seq_len, self.num_workers = planner, build, seq_len, num_workers
         self._consumed, self._real_tokens, self._rows = 0, 0, 0
         self._it = None
+
+    @property
+    def sources(self):
+        return getattr(self.build, "sources", None)
 
     def __iter__(self):
         return self
 
     def _open(self):
-        dataset = _BatchDataset(self._planner, self.sources, self.seq_len, self.pad_id, self._consumed)
+        dataset = _PlanDataset(self.planner, self.build, self._consumed)
         if self.num_workers == 0:
             return iter(dataset)
         # batch_size=None: the dataset already yields whole micro-batches.
@@ -176,32 +191,34 @@ class TrainStream:
         self._it = None
 
 
-def build_train_stream(cfg, tok, dp_rank: int = 0, dp_world: int = 1) -> TrainStream:
-    """The SFT train stream of this data-parallel rank (dp_world = dp * sharding degree)."""
+def build_stream(cfg: "TrainConfig", lengths, build, *, buffer_size: int = GREEDY_BUFFER, dp_rank: int = 0,
+                 dp_world: int = 1) -> TrainStream:
+    """The train stream of this data-parallel rank (dp_world = dp x sharding degree) over items of the
+    given `lengths` (per source), built into tensors by `build`; the mixing, shuffling, packing and
+    batch options come from cfg."""
     if not 0 <= dp_rank < dp_world:
         raise ValueError(f"dp_rank {dp_rank} outside [0, {dp_world})")
-    seq_len = cfg.train.max_seq_len
-    specs = train_specs(cfg)
-    sources = load_sources(specs, tok, seq_len)
-    counts = epoch_counts(specs, _opt(getattr(cfg, "sft", None), "num_samples_each_epoch",
-                                      DEFAULT_NUM_SAMPLES_EACH_EPOCH))
-    planner = _BatchPlanner(
-        lengths=[s.lengths for s in sources], counts=counts,
-        seed=_opt(cfg.train, "seed", 42), shuffle=bool(_opt(cfg.train, "random_shuffle", True)),
-        greedy=bool(_opt(getattr(cfg, "accel", None), "greedy_intokens", True)), seq_len=seq_len,
-        batch_size=cfg.train.per_device_train_batch_size, dp_rank=dp_rank, dp_world=dp_world)
-    workers = int(_opt(getattr(cfg, "accel", None), "dataloader_num_workers", 0))
-    return TrainStream(planner, sources, seq_len, tok.pad_id, workers)
+    t, seq_len = cfg.train, cfg.train.max_seq_len
+    counts = epoch_counts(train_specs(cfg), cfg.sft.num_samples_each_epoch)
+    pack = partial(iter_packs, capacity=seq_len, greedy=cfg.accel.greedy_intokens, buffer_size=buffer_size)
+    planner = BatchPlanner(lengths, counts, seed=t.seed, shuffle=t.random_shuffle, pack=pack,
+                           batch_size=t.per_device_train_batch_size, dp_rank=dp_rank, dp_world=dp_world)
+    return TrainStream(planner, build, seq_len, cfg.accel.dataloader_num_workers)
 
 
-def estimate_max_steps(cfg, tok, dp: int = 1, sharding: int = 1) -> int:
-    """Optimizer steps for `num_train_epochs` passes over the data (§5.1, used when max_steps = -1):
+def build_train_stream(cfg: "TrainConfig", tok, dp_rank: int = 0, dp_world: int = 1) -> TrainStream:
+    """The SFT train stream of this data-parallel rank (dp_world = dp * sharding degree)."""
+    sources = load_sources(train_specs(cfg), tok, cfg.train.max_seq_len)
+    return build_stream(cfg, [s.lengths for s in sources], SequenceBatchBuilder(sources, cfg.train.max_seq_len, tok.pad_id),
+                        dp_rank=dp_rank, dp_world=dp_world)
+
+
+def estimate_max_steps(cfg: "TrainConfig", tok, dp: int = 1, sharding: int = 1) -> int:
+    """Optimizer steps for `num_train_epochs` passes over the data (used when max_steps = -1):
     ceil(packs * epochs / (batch_size * grad_accum * dp * sharding))."""
     t = cfg.train
     specs = train_specs(cfg)
     sources = load_sources(specs, tok, t.max_seq_len)
-    packs = estimate_packs(sources, specs, t.max_seq_len,
-                           bool(_opt(getattr(cfg, "accel", None), "greedy_intokens", True)),
-                           _opt(t, "seed", 42), bool(_opt(t, "random_shuffle", True)))
-    per_step = t.per_device_train_batch_size * _opt(t, "gradient_accumulation_steps", 1) * dp * sharding
-    return max(1, math.ceil(packs * float(_opt(t, "num_train_epochs", 1)) / per_step))
+    packs = estimate_packs(sources, specs, t.max_seq_len, cfg.accel.greedy_intokens, t.seed, t.random_shuffle)
+    per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * dp * sharding
+    return max(1, math.ceil(packs * float(t.num_train_epochs) / per_step))

@@ -1,14 +1,11 @@
-"""Small builders for tests of any layer: toy tokenizers, data files and a stand-in config.
+"""Small builders for tests of any layer: toy tokenizers, data files and a small real config.
 
-Not used in training. The stand-in config has the attribute layout of `ernie_core.config` for the
-fields the data layer reads, so data tests do not depend on the config package.
-"""
+Not used in training."""
 from __future__ import annotations
 
 import io
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 from ernie_core.data.tokenizer import DEFAULT_SPECIALS, EXTRA_SPECIALS
 
@@ -67,22 +64,11 @@ def write_jsonl(path, rows) -> Path:
     return path
 
 
-def stand_in_config(**fields) -> SimpleNamespace:
-    """A config object with the sections the data layer reads; keyword args override any field
-    by name (the section is found automatically), e.g. stand_in_config(max_seq_len=64)."""
-    sections = {
-        "train": dict(max_seq_len=128, train_dataset_path="", train_dataset_prob="1.0",
-                      train_dataset_type="erniekit", seed=42, random_shuffle=True,
-                      per_device_train_batch_size=2, gradient_accumulation_steps=1,
-                      num_train_epochs=1, max_steps=-1),
-        "eval": dict(eval_dataset_path="", eval_dataset_prob="1.0", eval_dataset_type="erniekit",
-                     per_device_eval_batch_size=2),
-        "accel": dict(greedy_intokens=True, dataloader_num_workers=0),
-        "sft": dict(num_samples_each_epoch=6_000_000),
-    }
-    for key, value in fields.items():
-        owner = [s for s in sections.values() if key in s]
-        if not owner:
-            raise KeyError(f"stand_in_config has no field {key!r}")
-        owner[0][key] = value
-    return SimpleNamespace(**{name: SimpleNamespace(**f) for name, f in sections.items()})
+def stand_in_config(**fields):
+    """A real TrainConfig (`ernie_core.config`) with small data-test defaults (max_seq_len 128, batch 2);
+    keyword args set any option by its flat key, e.g. stand_in_config(max_seq_len=64)."""
+    from ernie_core.config import config_from_dict
+
+    values = dict(max_seq_len=128, per_device_train_batch_size=2, per_device_eval_batch_size=2)
+    values.update(fields)
+    return config_from_dict(values)

@@ -1,6 +1,6 @@
 """ERNIE tokenizer: SentencePiece `tokenizer.model` or HF `tokenizer.json`, plus the chat template.
 
-ernie_reference §2. Special tokens are matched in the text first (longest first), and only the text
+docs/behaviour.md#tokenizer-and-chat-template. Special tokens are matched in the text first (longest first), and only the text
 between them goes through the subword model, one call per segment, as ERNIE's slow tokenizer does.
 Special-token ids are looked up in the vocabulary (or `added_tokens_decoder`), never hard-coded.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ernie_core.errors import DataError
 
-# role -> token text, ernie_reference §2. pad shares `<unk>` (id 0) with unk.
+# role -> token text, docs/behaviour.md#tokenizer-and-chat-template. pad shares `<unk>` (id 0) with unk.
 DEFAULT_SPECIALS = {
     "unk_token": "<unk>",
     "pad_token": "<unk>",
@@ -177,7 +177,7 @@ class ErnieTokenizer:
         return "".join(out)
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = False) -> str:
-        """The whole conversation as one string (ernie_reference §2, Template)."""
+        """The whole conversation as one string (docs/behaviour.md#tokenizer-and-chat-template, Template)."""
         text = self.cls_token
         for m in messages:
             if m["role"] == "system":
@@ -191,7 +191,7 @@ class ErnieTokenizer:
         return text + ("Assistant: " if add_generation_prompt else "")
 
     def chat_turn_texts(self, messages) -> list[tuple[str, str]]:
-        """(q_t, a_t) texts per turn; ernie_reference §2, Turn chunks.
+        """(q_t, a_t) texts per turn; docs/behaviour.md#tokenizer-and-chat-template, Turn chunks.
 
         q_1 holds cls and the system text; every q_t ends with the generation prompt "Assistant: ".
         If the conversation ends with a user message, its pair has an empty answer "" (a prompt).

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,21 @@ CONFIG_NAME = "config.json"
 _ALIASES = {"torch_dtype": "dtype"}
 
 
+# The fused linears (fuse_linear) and their parts in row order, in HF split names. Sizes come from
+# `Ernie4_5Config.fused_parts`.
+FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "up_gate_proj": ("gate_proj", "up_proj")}
+
+
+def natural_key(name: str):
+    """Sort key for parameter names: layers numerically (layers.10 after layers.9), the embedding and
+    decoder layers first, then the final norm, then lm_head."""
+    rank = 2 if name.startswith("lm_head") else (1 if name.startswith("model.norm") else 0)
+    return rank, [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
 @dataclass
 class Ernie4_5Config:
-    """Architecture of a dense ERNIE 4.5 model (defaults: ERNIE-4.5-0.3B, ernie_reference §1.2)."""
+    """Architecture of a dense ERNIE 4.5 model (defaults: ERNIE-4.5-0.3B, docs/behaviour.md#model)."""
 
     vocab_size: int = 103424
     hidden_size: int = 1024
@@ -33,7 +46,7 @@ class Ernie4_5Config:
     head_dim: int | None = 128  # not hidden_size / heads in ERNIE 4.5 (0.3B: 16 heads x 128 = 2048 != 1024)
     hidden_act: str = "silu"
     max_position_embeddings: int = 131072
-    initializer_range: float = 0.02  # kept for the file; fresh weights use std sqrt(0.3333/H) (§1.1)
+    initializer_range: float = 0.02  # kept for the file; fresh weights use std sqrt(0.3333/H) (docs/behaviour.md#model)
     rms_norm_eps: float = 1e-5
     rope_theta: float = 500000.0
     rope_type: str = "default"
@@ -125,6 +138,15 @@ class Ernie4_5Config:
     @property
     def kv_dim(self) -> int:
         return self.num_key_value_heads * self.head_dim
+
+    def fused_parts(self, fused: str) -> tuple[tuple[str, int], ...]:
+        """The parts of a fused linear (`qkv_proj`, `up_gate_proj`) in row order ([out, in] layout):
+        ((HF split name, rows), ...). The one definition io, peft and parallel split and join by."""
+        if fused == "qkv_proj":
+            return ("q_proj", self.q_dim), ("k_proj", self.kv_dim), ("v_proj", self.kv_dim)
+        if fused == "up_gate_proj":
+            return ("gate_proj", self.intermediate_size), ("up_proj", self.intermediate_size)
+        raise KeyError(f"{fused!r} is not a fused linear (expected one of {', '.join(FUSED_PROJECTIONS)})")
 
     def validate_dense(self) -> None:
         """Raise UserError for configs the dense model cannot run (MoE, other activations, RoPE scaling)."""

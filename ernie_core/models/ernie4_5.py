@@ -1,4 +1,4 @@
-"""ERNIE 4.5 dense decoder (ernie_reference §1.1) as one plain nn.Module.
+"""ERNIE 4.5 dense decoder (docs/behaviour.md#model) as one plain nn.Module.
 
 Parameter names follow Hugging Face (`model.layers.{i}.self_attn.q_proj.weight`, ...), so a
 `state_dict` of the unfused model is an HF checkpoint. With `fuse_linear=True` q|k|v and gate|up
@@ -125,7 +125,7 @@ def build_attention_inputs(mode: str, input_ids: torch.Tensor, position_ids, ind
         allowed = torch.ones(S, S, dtype=torch.bool, device=input_ids.device).tril().view(1, 1, S, S)
         return AttentionInputs(position_ids, mode, allowed=allowed)
     if indices.shape[-1] == 1:
-        # ERNIEKit's dense fallback, ernie_reference §5.3: (i < start_row[j]) & (j <= i).
+        # ERNIEKit's dense fallback, docs/behaviour.md#flashmask-row-indices: (i < start_row[j]) & (j <= i).
         rows = torch.arange(S, device=indices.device).view(1, 1, S, 1)
         start_row = indices[..., 0].unsqueeze(2)  # [B, Hm, 1, S]: per column j
         allowed = (rows < start_row) & (rows >= rows.transpose(2, 3))
@@ -220,7 +220,7 @@ class MLP(nn.Module):
         super().__init__()
         H, I, bias = cfg.hidden_size, cfg.intermediate_size, cfg.use_bias
         self.fused = runtime.fuse_linear
-        if self.fused:  # rows [gate | up], the order Paddle's up_gate_proj uses (§1.4)
+        if self.fused:  # rows [gate | up], the order Paddle's up_gate_proj uses (docs/behaviour.md#checkpoints-and-paddle-names)
             self.up_gate_proj = nn.Linear(H, 2 * I, bias=bias)
         else:
             self.gate_proj = nn.Linear(H, I, bias=bias)
@@ -317,7 +317,7 @@ class Ernie4_5Model(nn.Module):
 
 class Ernie4_5ForCausalLM(nn.Module):
     """ERNIE 4.5 dense causal LM. `Ernie4_5ForCausalLM(cfg, **runtime)` gives fresh weights with
-    std sqrt(0.3333/H) (§1.1); `from_pretrained(dir, dtype=None, **runtime)` loads a checkpoint."""
+    std sqrt(0.3333/H) (docs/behaviour.md#model); `from_pretrained(dir, dtype=None, **runtime)` loads a checkpoint."""
 
     model_cls = Ernie4_5Model  # a subclass model swaps in its own decoder here
 
@@ -364,7 +364,7 @@ class Ernie4_5ForCausalLM(nn.Module):
         return self.head_and_loss(hidden, labels)
 
     def head_and_loss(self, hidden, labels) -> CausalLMOutput:
-        """LM head + mean fp32 CE over labelled positions, by the configured head variant (§12.2)."""
+        """LM head + mean fp32 CE over labelled positions, by the configured head variant (docs/behaviour.md#lm-head-variants)."""
         rt = self.runtime
         logits = None
         if rt.use_sparse_head_and_loss_fn or rt.use_fused_head_and_loss_fn:

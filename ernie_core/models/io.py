@@ -1,5 +1,5 @@
 """Checkpoint IO for Ernie4_5ForCausalLM: Hugging Face safetensors (single or sharded + index) and
-Paddle-format checkpoints (read only; converted on the fly, ernie_reference §1.4).
+Paddle-format checkpoints (read only; converted on the fly, docs/behaviour.md#checkpoints-and-paddle-names).
 
 On disk the layout is always HF's split one (`q_proj`/`k_proj`/`v_proj`, `gate_proj`/`up_proj`,
 [out, in]); a model built with `fuse_linear=True` is split on save and joined on load here. With
@@ -21,19 +21,17 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import UserError
-from .config import CONFIG_NAME, Ernie4_5Config
+from .config import CONFIG_NAME, FUSED_PROJECTIONS, Ernie4_5Config, natural_key
 from .ernie4_5 import Ernie4_5ForCausalLM
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PADDLE_PREFIX = "ernie."
 # Keys a checkpoint may carry that the dense model does not use: the 21B release's MTP block
-# (fine-tuning ignores it, §1.1) and rotary caches some older exports saved.
+# (fine-tuning ignores it, docs/behaviour.md#model) and rotary caches some older exports saved.
 _IGNORED_KEY = re.compile(r"(^|\.)mtp_|rotary_emb\.inv_freq$")
 # Adapter weights that may sit next to a LoRA run's base weights (PEFT's, ERNIEKit's).
 _ADAPTER_FILES = ("adapter_model", "peft_model")
-# The two fused weights and their parts, in row order ([out, in] layout).
-_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "up_gate_proj": ("gate_proj", "up_proj")}
 
 
 # ---- names and views ---------------------------------------------------------------------------
@@ -50,26 +48,19 @@ def hf_views(model: Ernie4_5ForCausalLM, grads: bool = False) -> dict[str, torch
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue  # the embedding (named_parameters lists a shared tensor once, but be explicit)
         module, _, fused = name.rpartition(".")[0].rpartition(".")
-        if fused in _FUSED:
+        if fused in FUSED_PROJECTIONS:
             leaf = name.rpartition(".")[2]
-            sizes = ((cfg.q_dim, cfg.kv_dim, cfg.kv_dim) if fused == "qkv_proj"
-                     else (cfg.intermediate_size, cfg.intermediate_size))
-            for part, chunk in zip(_FUSED[fused], p.split(sizes, dim=0)):
+            parts = cfg.fused_parts(fused)
+            for (part, _), chunk in zip(parts, p.split([n for _, n in parts], dim=0)):
                 views[f"{module}.{part}.{leaf}"] = chunk
         else:
             views[name] = p
     return views
 
 
-def _natural_key(name: str):
-    """Sort layers numerically (layers.10 after layers.9), embedding first, lm_head last."""
-    rank = 2 if name.startswith("lm_head") else (1 if name.startswith("model.norm") else 0)
-    return rank, [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
-
-
 def to_hf_state_dict(model: Ernie4_5ForCausalLM) -> dict[str, torch.Tensor]:
     """The model's weights under HF names and in HF layout (fused weights split; views, not copies)."""
-    return {k: v.detach() for k, v in sorted(hf_views(model).items(), key=lambda kv: _natural_key(kv[0]))}
+    return {k: v.detach() for k, v in sorted(hf_views(model).items(), key=lambda kv: natural_key(kv[0]))}
 
 
 # ---- reading -------------------------------------------------------------------------------------
@@ -124,20 +115,21 @@ def is_paddle_checkpoint(files: list[Path], path: Path) -> bool:
 
 
 def paddle_to_hf(key: str, t: torch.Tensor, cfg: Ernie4_5Config) -> list[tuple[str, torch.Tensor]]:
-    """One Paddle tensor -> its HF tensor(s) (ernie_reference §1.4): `ernie.` -> `model.`, linears
+    """One Paddle tensor -> its HF tensor(s) (docs/behaviour.md#checkpoints-and-paddle-names): `ernie.` -> `model.`, linears
     [in, out] -> [out, in], qkv_proj columns Q|K|V and up_gate_proj columns gate|up split."""
     if key.startswith(PADDLE_PREFIX):
         key = "model." + key[len(PADDLE_PREFIX):]
     prefix, _, leaf = key.rpartition(".")
     module = prefix.rpartition(".")[2]
-    if module in _FUSED:
+    if module in FUSED_PROJECTIONS:
         base = prefix.rpartition(".")[0]
+        names = FUSED_PROJECTIONS[module]
         if module == "qkv_proj":
-            sizes = (cfg.q_dim, cfg.kv_dim, cfg.kv_dim)
-        else:
+            sizes = [n for _, n in cfg.fused_parts(module)]
+        else:  # the checkpoint's own width (its gate and up halves are equal)
             sizes = (t.shape[-1] // 2,) * 2
         parts = t.split(sizes, dim=-1)  # columns for weights [in, out]; the only dim for biases
-        return [(f"{base}.{name}.{leaf}", p.t() if p.dim() == 2 else p) for name, p in zip(_FUSED[module], parts)]
+        return [(f"{base}.{name}.{leaf}", p.t() if p.dim() == 2 else p) for name, p in zip(names, parts)]
     if leaf == "weight" and t.dim() == 2 and (module.endswith("_proj") or key.endswith("mlp.gate.weight")):
         return [(key, t.t())]
     if key == "lm_head.weight" and tuple(t.shape) == (cfg.hidden_size, cfg.vocab_size):
@@ -211,15 +203,32 @@ def load_pretrained(path, dtype=None, merge_lora: bool = True, base_model=None, 
     Both are ignored for a plain model dir.
     """
     path = Path(path)
-    if path.is_dir():
-        from ..peft.peft_format import adapter_format
-
-        if adapter_format(path) is not None:
-            return load_lora_pretrained(path, dtype=dtype, merge_lora=merge_lora, base_model=base_model, **runtime)
-    return _load_model_dir(path, dtype, runtime)
+    if path.is_dir() and _is_adapter_dir(path):
+        return _adapter_loader()(path, dtype=dtype, merge_lora=merge_lora, base_model=base_model, **runtime)
+    return load_model_dir(path, dtype, runtime)
 
 
-def _load_model_dir(path: Path, dtype, runtime: dict) -> Ernie4_5ForCausalLM:
+# A LoRA adapter directory: PEFT's adapter_config.json or ERNIEKit's lora_config.json. Reading one is
+# peft/'s job (peft depends on models, never the reverse): the loader is found by name, in
+# ADAPTER_LOADER, when such a directory is opened.
+ADAPTER_LOADER = "ernie_core.peft.loading:load_lora_pretrained"
+_ADAPTER_CONFIGS = ("adapter_config.json", "lora_config.json")
+
+
+def _is_adapter_dir(path: Path) -> bool:
+    return any((path / name).is_file() for name in _ADAPTER_CONFIGS)
+
+
+def _adapter_loader():
+    import importlib
+
+    module, _, name = ADAPTER_LOADER.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def load_model_dir(path: Path, dtype=None, runtime: dict | None = None) -> Ernie4_5ForCausalLM:
+    """The model in an HF/Paddle model directory (no adapter handling)."""
+    runtime = runtime or {}
     cfg = Ernie4_5Config.from_pretrained(path)
     checkpoint_files(path)  # fail on missing weights before allocating the model
     target = resolve_dtype(dtype, cfg)
@@ -237,63 +246,6 @@ def has_model_files(path) -> bool:
     if not (path / CONFIG_NAME).is_file():
         return False
     return (path / INDEX_NAME).is_file() or any(path.glob("model*.safetensors"))
-
-
-def _candidate_dirs(name: str, adapter_dir: Path) -> list[Path]:
-    """A relative base_model_name_or_path is tried from the working directory, then from the adapter's."""
-    p = Path(name).expanduser()
-    return [p] if p.is_absolute() else [p, adapter_dir / p]
-
-
-def find_lora_base(adapter_dir, override=None, hint: str | None = None) -> Path:
-    """Where the base weights of the adapter in `adapter_dir` are: the dir itself when it has model
-    weights, else `override`, else the adapter config's base_model_name_or_path. UserError naming
-    every place looked at otherwise."""
-    from ..peft.peft_format import read_any_config
-
-    adapter_dir = Path(adapter_dir)
-    if has_model_files(adapter_dir):
-        return adapter_dir
-    if override is not None:
-        if not has_model_files(override):
-            raise UserError(f"base model {override} is not a model directory (config.json + model*.safetensors)")
-        return Path(override)
-    acfg = read_any_config(adapter_dir)
-    cfg_file = acfg.get("source") or str(adapter_dir / "adapter_config.json")
-    name = acfg.get("base_model_name_or_path")
-    if name:
-        for candidate in _candidate_dirs(str(name), adapter_dir):
-            if has_model_files(candidate):
-                return candidate
-        named = f"its base_model_name_or_path {name} (from {cfg_file}) is not a model directory " \
-                "(config.json + model*.safetensors)"
-    else:
-        named = f"{cfg_file} names no base_model_name_or_path"
-    hint = hint or f"fix base_model_name_or_path in {cfg_file} or pass base_model=DIR to from_pretrained"
-    raise UserError(f"LoRA adapter {adapter_dir} has no base model: {adapter_dir} holds no model weights and {named}; "
-                    f"{hint}")
-
-
-def load_lora_pretrained(path, dtype=None, merge_lora: bool = True, base_model=None, **runtime) -> Ernie4_5ForCausalLM:
-    """Base model + the LoRA adapter in `path` (see `load_pretrained`)."""
-    from .. import peft
-    from ..peft.peft_format import adapter_leaves, load_adapter_tensors, read_any_adapter
-
-    path = Path(path)
-    base = find_lora_base(path, base_model)
-    model = _load_model_dir(base, dtype, runtime)
-    cfg, tensors = read_any_adapter(path, model.config)
-    leaves = adapter_leaves(tensors)
-    if runtime.get("fuse_linear"):  # our fused linears carry the parts' adapters
-        from ..peft.lora import FUSED_PARTS
-
-        leaves |= {fused for fused, parts in FUSED_PARTS.items() if leaves & set(parts)}
-    peft.apply_lora(model, rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), rslora=bool(cfg.get("use_rslora")),
-                    targets=tuple(sorted(leaves)))
-    load_adapter_tensors(model, tensors, path)
-    if merge_lora:
-        peft.merge_lora(model)
-    return model
 
 
 # ---- writing -------------------------------------------------------------------------------------

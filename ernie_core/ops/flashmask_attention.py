@@ -1,4 +1,4 @@
-"""FlashMask attention: the public op `ernie_core::flashmask_attention` (ernie_reference §5.3).
+"""FlashMask attention: the public op `ernie_core::flashmask_attention` (docs/behaviour.md#flashmask-row-indices).
 
 Two registered ops: `ernie_core::flashmask_attention` (forward, returns out and the fp32
 log-sum-exp) and `ernie_core::flashmask_attention_backward` (its own op, called by the autograd

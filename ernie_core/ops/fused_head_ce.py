@@ -1,7 +1,7 @@
 """LM head + cross-entropy without the [tokens, vocab] logits: the public op `ernie_core::fused_head_ce`.
 
 The forward runs the head chunk by chunk over tokens; per chunk it computes the logits, their
-log-sum-exp, the loss and, right away, the gradients for hidden and weight (ernie_reference §12.2,
+log-sum-exp, the loss and, right away, the gradients for hidden and weight (docs/behaviour.md#lm-head-variants,
 `use_fused_head_and_loss_fn`). It returns (loss_sum, n_tokens, dhidden, dweight) with gradients for
 an upstream grad of 1; the backward (`ernie_core::fused_head_ce_backward`, its own op) only scales
 them (in place in eager mode, so it runs once per forward: no retain_graph). Gradients nobody needs

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 
 def startend_row_indices_to_mask(idx: torch.Tensor, causal: bool = True) -> torch.Tensor:
-    """Dense "may attend" mask from FlashMask start/end row indices (ernie_reference §5.3).
+    """Dense "may attend" mask from FlashMask start/end row indices (docs/behaviour.md#flashmask-row-indices).
 
     idx: int [B, Hm, S, n] with n in {1, 2, 4}; column j's entries bound the masked rows.
     Returns bool [B, Hm, S, S] indexed [b, h, row i, col j]; True = row i may attend column j.
@@ -182,7 +182,7 @@ def flashmask_attention_reference(
 def rope_reference(
     q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, theta: float = 500000.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Interleaved-pair rotary embedding (pairs (2i, 2i+1)), fp32 math (ernie_reference §1.1).
+    """Interleaved-pair rotary embedding (pairs (2i, 2i+1)), fp32 math (docs/behaviour.md#model).
 
     q [B, S, Hq, D], k [B, S, Hkv, D], position_ids [B, S]. Returns rotated (q, k) in their dtypes.
     """

@@ -1,4 +1,4 @@
-"""RMSNorm: the public op `ernie_core::rms_norm` (ernie_reference §1.1).
+"""RMSNorm: the public op `ernie_core::rms_norm` (docs/behaviour.md#model).
 
 y = weight * cast_x(x * rsqrt(mean(x^2) + eps)), fp32 statistics. Forward returns (y, rstd fp32);
 `ernie_core::rms_norm_backward` is its own op. A backend registers `fwd(x, w, eps) -> (y, rstd)`

@@ -1,7 +1,7 @@
 """Rotary position embedding on q and k together: the public op `ernie_core::rope`.
 
 Interleaved pairs (2i, 2i+1), angle pos * theta^(-2i/D), fp32 math, results in the inputs' dtypes
-(ernie_reference §1.1); per-sample position ids [B, S]. The backward (`ernie_core::rope_backward`,
+(docs/behaviour.md#model); per-sample position ids [B, S]. The backward (`ernie_core::rope_backward`,
 its own op) is the same rotation by -angle, the transpose of the forward. A backend registers
 `fwd(x, position_ids, theta, inverse=False) -> y` and may add `fwd_qk(q, k, position_ids, theta,
 inverse=False) -> (q, k)` to do both tensors in one pass (angles computed once per token).

@@ -1,4 +1,4 @@
-"""Parallelism applied from outside to the plain model (DESIGN.md), on torch.distributed.
+"""Parallelism applied from outside to the plain model (docs/design.md), on torch.distributed.
 
     from ernie_core.parallel import parallel_session
     with parallel_session(cfg) as par:            # torchrun -> process group + named mesh; else one process

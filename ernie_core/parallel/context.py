@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from ..errors import ConfigError
 from .dims import ParallelDims, build_mesh, dims_from_config
+from .dtensor import local_tensor
 
 
 @dataclass
@@ -37,6 +38,7 @@ class ParallelOptions:
     release_grads: bool = False
     pp_schedule: str | None = None  # None: 1F1B (interleaved with virtual stages); "gpipe" for benchmarks
     max_seq_len: int | None = None  # packed row length (sequence parallel splits it over tp)
+    master_grad: bool = False  # AMP O2 amp_master_grad: gradients accumulate in fp32
 
 
 def options_from_config(cfg) -> ParallelOptions:
@@ -54,7 +56,8 @@ def options_from_config(cfg) -> ParallelOptions:
         pp_seg_method=d.pp_seg_method, virtual_pp_degree=d.virtual_pp_degree, add_tail_layers=d.add_tail_layers,
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         distributed_dataloader=bool(cfg.accel.distributed_dataloader),
-        release_grads=bool(cfg.memory.release_grads), max_seq_len=cfg.train.max_seq_len)
+        release_grads=bool(cfg.memory.release_grads), max_seq_len=cfg.train.max_seq_len,
+        master_grad=bool(cfg.precision.amp_master_grad) and cfg.precision.fp16_opt_level == "O2" and cfg.precision.bf16)
 
 
 class ParallelContext:
@@ -104,9 +107,15 @@ class ParallelContext:
         return self.mesh.get_group(name) if self.mesh is not None else None
 
     # ------------------------------------------------------------------ model
-    def parallelize(self, model):
+    def parallelize(self, model, masters: dict | None = None):
         """Apply TP/SP, the pipeline split and dp/sharding to the plain model (in this order).
-        Returns what the trainer trains: the model itself, or this rank's PipelinedModel."""
+        Returns what the trainer trains: the model itself, or this rank's PipelinedModel.
+
+        masters (AMP O2): {name: fp32 value} of the trainable parameters stored in bf16. Each master
+        weight is then kept once, sharded like its parameter: FSDP layouts (dp, stage2/3) shard the fp32
+        values themselves and compute with bf16 copies (FSDP's mixed-precision policy); stage1 keeps
+        fp32 slices in its optimizer; TP and pipeline layouts leave them to MixedPrecisionAdamW, whose
+        master of a DTensor parameter is a DTensor with the same placements."""
         from .data_parallel import ZeroOneOptimizer, apply_data_parallel
         from .tensor_parallel import apply_tp, check_tp_shapes
 
@@ -127,10 +136,12 @@ class ParallelContext:
             roots = [model]
         if d.data_world > 1:
             for root in roots:
-                apply_data_parallel(root, list(root.model.layers.children()), self.mesh, d)
+                apply_data_parallel(root, list(root.model.layers.children()), self.mesh, d, masters=masters,
+                                    master_grad=o.master_grad)
         self._roots = roots
         if d.sharding_stage == 1:
-            self.zero = ZeroOneOptimizer(self.group("sharding"), dp_group=self.group("dp") if d.dp > 1 else None)
+            self.zero = ZeroOneOptimizer(self.group("sharding"), dp_group=self.group("dp") if d.dp > 1 else None,
+                                         masters=masters, master_grad=o.master_grad)
         if d.pp > 1:
             self._build_runner(model)
         return model
@@ -177,7 +188,7 @@ class ParallelContext:
 
     def global_batch_config(self, cfg):
         """A copy of cfg whose micro batch is the whole data-parallel batch: what the max_steps
-        estimate (§5.1: divides by bs*accum*dp*sharding) must see."""
+        estimate (docs/behaviour.md#mixing-and-virtual-epochs: divides by bs*accum*dp*sharding) must see."""
         if self.dp_world == 1:
             return cfg
         out = copy.deepcopy(cfg)
@@ -253,15 +264,18 @@ class ParallelContext:
         TP parameter/moment syncs. Returns the global gradient norm before clipping."""
         from .tensor_parallel import broadcast_replicated, sync_replicated_grads
 
+        grad_of = _grad_reader(optimizer)
         rep = [p for n, p in model.named_parameters() if n in set(self._replicated)] if self._replicated else []
         tp_group = self.group("tp")
         if rep and self.opts.sequence_parallel:
-            sync_replicated_grads(rep, tp_group, op="sum")  # each rank saw only its sequence shard
+            sync_replicated_grads([grad_of(p) for p in rep], tp_group, op="sum")  # each rank saw a sequence shard
         if rep and "sync_grad" in self.opts.tp_options:
-            sync_replicated_grads(rep, tp_group, op="avg")
+            sync_replicated_grads([grad_of(p) for p in rep], tp_group, op="avg")
+        if self.pipelined and self._tied and self.runner is not None:
+            self._sync_tied_master_grads(model, optimizer)
         if self.zero is not None:
             self.zero.reduce_grads()  # stage1: averaged gradients land in this rank's slices
-        norm = self.clip_grad_norm(model, max_norm)
+        norm = self.clip_grad_norm(model, max_norm, grad_of=grad_of)
         optimizer.step()
         if self.zero is not None:
             self.zero.gather_params()
@@ -281,11 +295,23 @@ class ParallelContext:
             tensors += [v for k, v in sorted(st.items()) if torch.is_tensor(v) and v.dim() > 0]
         broadcast_replicated(tensors, tp_group)
 
-    @torch.no_grad()
-    def clip_grad_norm(self, model, max_norm: float) -> float:
-        """Global L2 norm of all gradients (every shard counted once) and in-place clipping."""
-        from .tensor_parallel import _local
+    def _sync_tied_master_grads(self, model, optimizer) -> None:
+        """Under master_grad the tied embedding's fp32 gradient lives in the optimizer's buffer, which the
+        pipeline's tied-weight all-reduce (on `p.grad`) does not see: add the first and last stage's here."""
+        buffers = getattr(optimizer, "_grads", None)
+        group = getattr(self.runner, "tied_group", None)
+        if not buffers or group is None:
+            return
+        for name, p in model.named_parameters():
+            if name.endswith(("embed_tokens.weight", "lm_head.weight")) and id(p) in buffers:
+                dist.all_reduce(local_tensor(buffers[id(p)]), group=group)
+                break
 
+    @torch.no_grad()
+    def clip_grad_norm(self, model, max_norm: float, grad_of=None) -> float:
+        """Global L2 norm of all gradients (every shard counted once) and in-place clipping. grad_of(p):
+        where p's gradient is (the optimizer's fp32 buffer under master_grad), default p.grad."""
+        grad_of = grad_of or (lambda p: p.grad)
         if not self.dims.distributed:
             params = [p for p in model.parameters() if p.grad is not None]
             if max_norm and max_norm > 0:
@@ -297,7 +323,8 @@ class ParallelContext:
             sharding = (self.group("sharding"),)
             pairs = [(p, g, sharding + _shard_groups(p)) for p, g in self.zero.slice_grads()]
         else:
-            pairs = [(p, _local(p.grad), _shard_groups(p.grad)) for p in model.parameters() if p.grad is not None]
+            grads = [(p, grad_of(p)) for p in model.parameters()]
+            pairs = [(p, local_tensor(g), _shard_groups(g)) for p, g in grads if g is not None]
         # The last stage's copy of a tied embedding has the embedding's gradient: count it once.
         total = _sq_sum([(g, groups) for p, g, groups in pairs if p is not self._tied_copy], self.device)
         if self.pipelined:
@@ -343,6 +370,12 @@ class ParallelContext:
 
     def after_step(self) -> None:
         """Nothing to do between steps today; kept as the hook for release_grads-style cleanup."""
+
+
+def _grad_reader(optimizer):
+    """p -> its gradient: MixedPrecisionAdamW's fp32 accumulation buffer (master_grad) or p.grad."""
+    read = getattr(optimizer, "_grad", None)
+    return read if callable(read) else (lambda p: p.grad)
 
 
 def _shard_groups(t) -> tuple:

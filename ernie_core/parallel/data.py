@@ -1,7 +1,7 @@
 """`distributed_dataloader`: one rank reads and packs the data, every rank gets its slice.
 
 Without it every rank builds the same deterministic stream and keeps its own slice of each global
-batch (ernie_reference §5.1), which costs every rank the tokenization and packing of all data.
+batch (docs/behaviour.md#mixing-and-virtual-epochs), which costs every rank the tokenization and packing of all data.
 With it, global rank 0 alone builds the stream of whole global batches (bs x dp x sharding rows)
 and scatters to each rank the rows of its data-parallel slot; ranks that share a slot (the tp and
 pp ranks of one replica) receive the same rows. The batches are identical to the per-rank streams,

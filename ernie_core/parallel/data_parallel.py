@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .dims import parse_option_list
+from .dtensor import local_tensor
 
 SHARDING_OPTIONS = {
     "enable_stage1_overlap": "no-op: the stage1 all-gather is one bucketed collective after the update",
@@ -41,17 +42,29 @@ def parse_sharding_options(value: str) -> set[str]:
     return parse_option_list("sharding_parallel_config", value, SHARDING_OPTIONS)
 
 
-def apply_data_parallel(root: nn.Module, layers: list[nn.Module], mesh, dims) -> None:
+def apply_data_parallel(root: nn.Module, layers: list[nn.Module], mesh, dims, *, masters: dict | None = None,
+                        master_grad: bool = False) -> None:
     """Wrap `root` (the model or one pipeline chunk) and its decoder `layers` for dp/sharding, in place.
     Layers are wrapped first so each is one communication group (bottom-up, as FSDP2 requires); the
-    embedding, final norm and LM head (tied) stay in the root's group."""
+    embedding, final norm and LM head (tied) stay in the root's group.
+
+    AMP O2 (`masters`: {name: fp32 value} of the bf16-stored trainable parameters): the parameters
+    get their fp32 values back before wrapping, so the FSDP shards *are* the master weights (one copy,
+    sharded), and FSDP's mixed-precision policy gathers them as bf16 for compute (the same rounded
+    weights the one-process O2 model computes with). Gradients reach the shards in fp32; with
+    master_grad they are reduced in fp32 too, else in bf16 (the dtype they accumulate in on one process)."""
     if dims.data_world == 1:
         return
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    kw: dict = {}
+    if masters and dims.sharding_stage != 1:
+        low = _restore_masters(root, masters)
+        if low is not None:
+            kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32 if master_grad else low)
     if dims.sharding_stage in (2, 3):
         shard_mesh = mesh["dp", "sharding"] if dims.dp > 1 else mesh["sharding"]
-        kw = dict(mesh=shard_mesh, reshard_after_forward=dims.sharding_stage == 3)
+        kw.update(mesh=shard_mesh, reshard_after_forward=dims.sharding_stage == 3)
         if dims.sharding_offload and shard_mesh.device_type == "cuda":
             # 'offload': sharded params, grads and optimizer state in pinned host memory, the update on
             # the CPU (FSDP2's policy). On a CPU mesh everything is in host memory already.
@@ -67,9 +80,27 @@ def apply_data_parallel(root: nn.Module, layers: list[nn.Module], mesh, dims) ->
 
         for layer in layers:
             if any(True for _ in layer.parameters()):
-                replicate(layer, mesh=mesh["data"])
-        replicate(root, mesh=mesh["data"])
+                replicate(layer, mesh=mesh["data"], **kw)
+        replicate(root, mesh=mesh["data"], **kw)
     # stage1: parameters stay as they are; ZeroOneOptimizer reduces the gradients once per step.
+
+
+@torch.no_grad()
+def _restore_masters(root: nn.Module, masters: dict) -> torch.dtype | None:
+    """Put the fp32 master values back into the bf16-stored parameters of `root`; returns the
+    low-precision dtype they had (None when none of root's parameters has a master)."""
+    low = None
+    for name, p in root.named_parameters():
+        seed = masters.get(_model_name(name))
+        if seed is not None and p.dtype != torch.float32 and seed.shape == p.shape:
+            low = p.dtype
+            p.data = seed.to(p.device)
+    return low
+
+
+def _model_name(name: str) -> str:
+    """A pipeline chunk's parameter name as the whole model names it (chunks keep the model's names)."""
+    return name
 
 
 def set_micro_batch(root: nn.Module, stage: int, last: bool) -> None:
@@ -89,12 +120,6 @@ def set_micro_batch(root: nn.Module, stage: int, last: bool) -> None:
         root.set_reshard_after_backward(last)
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return t._local_tensor if isinstance(t, DTensor) else t
-
-
 class ZeroOneOptimizer:
     """ZeRO stage 1 over the sharding group: the optimizer only ever sees this rank's slices.
 
@@ -105,20 +130,39 @@ class ZeroOneOptimizer:
     into the full parameters. Slices of parameter i on rank r: flat elements [r*c_i, (r+1)*c_i),
     zero-padded at the end; rank r's slices of all parameters sit side by side in one flat buffer."""
 
-    def __init__(self, group, dp_group=None):
+    def __init__(self, group, dp_group=None, *, masters: dict | None = None, master_grad: bool = False):
         self.group, self.dp_group = group, dp_group  # dp_group: replicas of the same slices (or None)
+        # AMP O2: a bf16-stored parameter's slice is an fp32 master (from `masters`, by name), so the
+        # optimizer updates fp32 slices and gather_params rounds them into the bf16 parameters; the
+        # master weights are kept once, 1/N per rank. master_grad: each micro-batch's gradient is
+        # added into an fp32 buffer as backward produces it, and those buffers are reduced.
+        self.masters, self.master_grad = masters or {}, master_grad
+        self._acc: dict[int, torch.Tensor] = {}
+        self._hooks = []
         self.n, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.replicas = dist.get_world_size(dp_group) if dp_group is not None else 1
         self.entries: list[tuple[nn.Parameter, nn.Parameter, int, int]] = []  # (param, slice, offset, chunk)
         self.flat_size = 0
 
     def param_groups(self, groups: list[dict]) -> list[dict]:
-        return [{**g, "params": [self._slice_of(p) for p in g["params"]]} for g in groups]
+        out = []
+        for g in groups:
+            names = g.get("names") or [None] * len(g["params"])
+            out.append({**g, "params": [self._slice_of(p, n) for p, n in zip(g["params"], names)]})
+        return out
 
-    def _slice_of(self, p: nn.Parameter) -> nn.Parameter:
-        local = _local(p.data)
+    def _slice_of(self, p: nn.Parameter, name: str | None = None) -> nn.Parameter:
+        local = local_tensor(p.data)
         chunk = -(-local.numel() // self.n)  # ceil: the last rank's slice is zero-padded
-        piece = nn.Parameter(self.local_slice(local, chunk))
+        seed = self.masters.get(name) if p.dtype != torch.float32 else None
+        if seed is not None and seed.shape == p.shape:
+            piece = nn.Parameter(self.local_slice(local_tensor(seed).to(local.device, torch.float32), chunk))
+        elif p.dtype != torch.float32:  # no recorded fp32 value: the master starts from the parameter
+            piece = nn.Parameter(self.local_slice(local.float(), chunk))
+        else:
+            piece = nn.Parameter(self.local_slice(local, chunk))
+        if self.master_grad and p.dtype != torch.float32:
+            self._hooks.append(p.register_post_accumulate_grad_hook(self._accumulate))
         self.entries.append((p, piece, self.flat_size, chunk))
         self.flat_size += chunk
         return piece
@@ -129,15 +173,30 @@ class ZeroOneOptimizer:
         return flat.view(self.n, chunk)
 
     @torch.no_grad()
+    def _accumulate(self, p: torch.Tensor) -> None:
+        """master_grad: this micro-batch's low-precision gradient -> the fp32 buffer."""
+        if p.grad is None:
+            return
+        acc = self._acc.get(id(p))
+        if acc is None:
+            self._acc[id(p)] = local_tensor(p.grad).to(torch.float32)
+        else:
+            acc.add_(local_tensor(p.grad))
+        p.grad = None
+
+    @torch.no_grad()
     def reduce_grads(self) -> None:
-        """Average the step's gradients over all data-parallel ranks, straight into this rank's slices."""
+        """Average the step's gradients over all data-parallel ranks, straight into this rank's slices
+        (in the slices' dtype: fp32 for O2 master slices)."""
         if not self.entries:
             return
-        first = _local(self.entries[0][0].data)
+        first = self.entries[0][1]
         send = torch.zeros(self.n, self.flat_size, dtype=first.dtype, device=first.device)
         for p, _, off, chunk in self.entries:
-            if p.grad is not None:
-                send[:, off:off + chunk] = self._padded(_local(p.grad), chunk)
+            g = self._acc.pop(id(p), None)
+            g = g if g is not None else (local_tensor(p.grad) if p.grad is not None else None)
+            if g is not None:
+                send[:, off:off + chunk] = self._padded(g, chunk)
             p.grad = None  # the full gradient is not needed any more (stage1 keeps it only during backward)
         mine = torch.empty(self.flat_size, dtype=send.dtype, device=send.device)
         dist.reduce_scatter_tensor(mine, send.view(-1), group=self.group)
@@ -160,13 +219,13 @@ class ZeroOneOptimizer:
         dist.all_gather_into_tensor(full, mine, group=self.group)
         full = full.view(self.n, self.flat_size)
         for p, _, off, chunk in self.entries:
-            local = _local(p.data)
+            local = local_tensor(p.data)
             local.copy_(full[:, off:off + chunk].reshape(-1)[:local.numel()].view_as(local))
 
     @torch.no_grad()
     def full_local_state(self, piece_state: dict, p: nn.Parameter, chunk: int) -> dict:
         """One slice's AdamW state -> the state of the whole local parameter (all-gather over sharding)."""
-        local = _local(p.data)
+        local = local_tensor(p.data)
         out = {}
         for k, v in piece_state.items():
             if torch.is_tensor(v) and v.dim() > 0 and v.numel() == chunk:

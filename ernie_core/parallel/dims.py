@@ -3,7 +3,7 @@
 The world is a 4-D grid `dp x sharding x pp x tp` (ERNIEKit's axes; tp varies fastest so a
 tensor-parallel group sits on neighbouring ranks, i.e. inside one node). `dp` is derived: whatever
 is left of the world after tp, pp and sharding. The data-parallel "replicas" that read different
-data are the `dp x sharding` ranks (ernie_reference §5.1: global batch = dp*sharding*bs*accum).
+data are the `dp x sharding` ranks (docs/behaviour.md#mixing-and-virtual-epochs: global batch = dp*sharding*bs*accum).
 """
 from __future__ import annotations
 

@@ -331,7 +331,7 @@ class PipelineRunner:
             return
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        from .tensor_parallel import _local
+        from .dtensor import local_tensor as _local
         dist.all_reduce(_local(p.grad), group=self.tied_group)
 
 

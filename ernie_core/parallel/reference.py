@@ -16,7 +16,7 @@ import contextlib
 
 import torch
 
-from .tensor_parallel import _local
+from .dtensor import local_tensor as _local
 
 
 def run_as_forward(module, fn, *args):

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .dtensor import local_tensor
+
 FORMAT = "ernie_core.full_optimizer.v1"
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 _GROUP_KEYS_SKIP = ("params", "names")
@@ -67,7 +69,7 @@ def _in_rank0_slot(mesh) -> bool:
 
 def full_model_state(model, mesh, pp_group, *, tied: bool) -> dict | None:
     """{HF name: full CPU tensor} on global rank 0 (None elsewhere). Collective over every rank."""
-    from ..models.io import _FUSED, _natural_key
+    from ..models.config import FUSED_PROJECTIONS, natural_key
 
     part = {}
     for name, p in model.named_parameters():
@@ -82,14 +84,13 @@ def full_model_state(model, mesh, pp_group, *, tied: bool) -> dict | None:
     out = {}
     for name, t in merged.items():
         module, _, fused = name.rpartition(".")[0].rpartition(".")
-        if fused in _FUSED:  # fused q|k|v or gate|up: split into the HF names
-            sizes = ((cfg.q_dim, cfg.kv_dim, cfg.kv_dim) if fused == "qkv_proj"
-                     else (cfg.intermediate_size, cfg.intermediate_size))
-            for part_name, chunk in zip(_FUSED[fused], t.split(sizes, dim=0)):
+        if fused in FUSED_PROJECTIONS:  # fused q|k|v or gate|up: split into the HF names
+            parts = cfg.fused_parts(fused)
+            for (part_name, _), chunk in zip(parts, t.split([n for _, n in parts], dim=0)):
                 out[f"{module}.{part_name}.{name.rpartition('.')[2]}"] = chunk
         else:
             out[name] = t
-    return dict(sorted(out.items(), key=lambda kv: _natural_key(kv[0])))
+    return dict(sorted(out.items(), key=lambda kv: natural_key(kv[0])))
 
 
 def _named_optimizer_params(optimizer, zero):
@@ -110,6 +111,8 @@ def full_optimizer_state(optimizer, mesh, pp_group, *, zero=None, tied: bool) ->
     group_names: dict[int, list[str]] = {}
     for group, name, param, model_param, chunk in _named_optimizer_params(optimizer, zero):
         st = optimizer.state.get(param, {})
+        if zero is not None and chunk is not None and param.dtype != model_param.dtype:
+            st = {**st, "master": param.detach()}  # stage1 O2: the fp32 slice is the master weight
         if zero is not None and chunk is not None:
             st = zero.full_local_state(st, model_param, chunk)
         full = {k: (_full(v, like=model_param) if torch.is_tensor(v) and v.dim() > 0 else
@@ -155,9 +158,7 @@ def load_full_optimizer_state(optimizer, full: dict, *, zero=None, tied: bool) -
             if torch.is_tensor(v) and v.dim() > 0:
                 v = _local_like(v, model_param)
                 if zero is not None and chunk is not None:
-                    from .data_parallel import _local
-
-                    v = zero.local_slice(_local(v), chunk)
+                    v = zero.local_slice(local_tensor(v), chunk)
                 local[k] = v
             else:
                 local[k] = v.clone() if torch.is_tensor(v) else v

@@ -18,6 +18,7 @@ logits are never gathered.
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -25,6 +26,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .dims import parse_option_list
+from .dtensor import local_tensor
 
 TP_OPTIONS = ("sync_param", "sync_grad", "sync_moment")
 
@@ -61,7 +63,8 @@ def apply_tp(model: nn.Module, tp_mesh, *, sequence_parallel: bool, tensor_paral
                                                    RowwiseParallel, parallelize_module)
 
     tp = tp_mesh.size()
-    _check_plain_linears(model)
+    adapted = _check_plain_linears(model)
+    adapted_ids = {id(m) for _, m, _ in adapted}
     between_blocks = Shard(1) if sequence_parallel else Replicate()
     tied = model.lm_head.weight is model.model.embed_tokens.weight
     # Vocab-parallel embedding: each rank looks up its vocab rows, the partial sums are reduced
@@ -78,6 +81,7 @@ def apply_tp(model: nn.Module, tp_mesh, *, sequence_parallel: bool, tensor_paral
             "mlp.up_proj": ColwiseParallel(),
             "mlp.down_proj": RowwiseParallel(output_layouts=between_blocks),
         }
+        plan = {k: v for k, v in plan.items() if id(layer.get_submodule(k)) not in adapted_ids}
         # Each block gets its input as one replicated DTensor (all-gathered from the sequence shards under
         # SP): q/k/v (gate/up) then share it, so backward reduces its gradient once, not once per projection.
         plan["self_attn"] = PrepareModuleInput(input_layouts=(between_blocks, None),
@@ -87,6 +91,7 @@ def apply_tp(model: nn.Module, tp_mesh, *, sequence_parallel: bool, tensor_paral
         # The model views q/k/v with these counts; after column sharding each rank holds 1/tp of the heads.
         layer.self_attn.num_heads //= tp
         layer.self_attn.num_kv_heads //= tp
+    _shard_lora(adapted, tp_mesh, between_blocks)
     if sequence_parallel:  # the LM head (and a sparse head's row selection) needs the whole sequence
         parallelize_module(model.model.norm, tp_mesh,
                            PrepareModuleOutput(output_layouts=Shard(1), desired_output_layouts=Replicate()))
@@ -102,19 +107,128 @@ def apply_tp(model: nn.Module, tp_mesh, *, sequence_parallel: bool, tensor_paral
     return [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]
 
 
-def _check_plain_linears(model) -> None:
-    """The plans split nn.Linear / nn.Embedding weights; adapters or quantized layers need their own plans."""
-    targets = [("model.embed_tokens", model.model.embed_tokens, nn.Embedding), ("lm_head", model.lm_head, nn.Linear)]
+def _check_plain_linears(model) -> list[tuple[str, nn.Module, str]]:
+    """The plans split nn.Linear / nn.Embedding weights, or LoRA-adapted linears (their own plan,
+    `_shard_lora`); quantized layers would need plans of their own. Returns the LoRA-adapted
+    projections as (name, module, "col" | "row")."""
+    from ..peft.lora import LoRALinear
+
+    targets = [("model.embed_tokens", model.model.embed_tokens, nn.Embedding, None),
+               ("lm_head", model.lm_head, nn.Linear, None)]
     for i, layer in model.model.layers.items():
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            targets.append((f"model.layers.{i}.self_attn.{name}", getattr(layer.self_attn, name, None), nn.Linear))
+            targets.append((f"model.layers.{i}.self_attn.{name}", getattr(layer.self_attn, name, None), nn.Linear,
+                            "row" if name == "o_proj" else "col"))
         for name in ("gate_proj", "up_proj", "down_proj"):
-            targets.append((f"model.layers.{i}.mlp.{name}", getattr(layer.mlp, name, None), nn.Linear))
-    for name, module, kind in targets:
-        if type(module) is not kind:
-            raise ConfigError(f"tensor_parallel_degree > 1 needs {name} to be a plain {kind.__name__}, found "
-                              f"{type(module).__name__}: LoRA adapters and quantized linears under tensor "
-                              "parallelism are not supported yet")
+            targets.append((f"model.layers.{i}.mlp.{name}", getattr(layer.mlp, name, None), nn.Linear,
+                            "row" if name == "down_proj" else "col"))
+    adapted = []
+    for name, module, kind, split in targets:
+        if split is not None and type(module) is LoRALinear:
+            adapted.append((name, module, split))
+        elif type(module) is not kind:
+            raise ConfigError(f"tensor_parallel_degree > 1 needs {name} to be a plain {kind.__name__} or a LoRA-adapted "
+                              f"one, found {type(module).__name__}: quantized linears under tensor parallelism are not "
+                              "supported yet")
+    return adapted
+
+
+# How each parameter of a LoRA-adapted linear is laid out over the TP ranks. Column-parallel base
+# (W [out, in] split on out): A [r, in] replicated, B [out, r] split on out like W. Row-parallel
+# base (W split on in): A split on in like W, B replicated; each rank's output x_r W_rᵀ + s (x_r A_rᵀ) Bᵀ
+# is then a partial sum, reduced exactly as the base output is (all-reduce, or reduce-scatter
+# under sequence parallel), since Σ_r s (x_r A_rᵀ) Bᵀ = s (x Aᵀ) Bᵀ.
+_LORA_PLACEMENTS = {"col": {"weight": 0, "bias": 0, "lora_A": None, "lora_B": 0},
+                    "row": {"weight": 1, "bias": None, "lora_A": 1, "lora_B": None}}
+
+
+class AllReduceGrad(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over the TP group (Megatron's "f"). A replicated
+    LoRA factor whose gradient each rank sees only part of (A of a column-parallel base: the ranks
+    hold different rows of B; B of a row-parallel base: they hold different pieces of x Aᵀ)."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        ctx.group = group
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous()
+        dist.all_reduce(g, group=ctx.group)
+        return g, None
+
+
+class LoraTPView:
+    """`LoRALinear.tp_view` under TP: each DTensor parameter -> the local tensor this rank computes with.
+    A replicated trainable factor gets `AllReduceGrad`, so its gradient is the full one on every rank."""
+
+    def __init__(self, split: str, group):
+        self.split, self.group = split, group
+
+    def local(self, name: str, param):
+        if param is None or not param.requires_grad:
+            return local_tensor(param)
+        t = param.to_local()
+        return AllReduceGrad.apply(t, self.group) if _LORA_PLACEMENTS[self.split][name] is None else t
+
+
+def _shard_lora(adapted: list, tp_mesh, output_layouts) -> None:
+    """Distribute the LoRA-adapted projections' parameters (`_LORA_PLACEMENTS`) and convert their inputs
+    and outputs at the block boundaries, as ColwiseParallel / RowwiseParallel do for plain linears.
+    A shared A (q|k|v, gate|up: column-parallel siblings) stays one Parameter."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+    group = tp_mesh.get_group()
+    done: dict[int, nn.Parameter] = {}
+    local_inputs = _LocalInputs()
+    for _, module, split in adapted:
+        for name, dim in _LORA_PLACEMENTS[split].items():
+            p = getattr(module, name)
+            if p is None:
+                continue
+            if id(p) not in done:
+                placement = Replicate() if dim is None else Shard(dim)
+                done[id(p)] = nn.Parameter(distribute_tensor(p.data, tp_mesh, [placement]),
+                                           requires_grad=p.requires_grad)
+            setattr(module, name, done[id(p)])
+        module.tp_view = LoraTPView(split, group)
+        if split == "col":
+            # x arrives replicated; each rank's gradient of it is a partial sum (reduced by the block's
+            # input redistribution in backward, as for a plain column-parallel linear).
+            module.register_forward_pre_hook(lambda mod, args: (local_inputs.get(args[0]),) + tuple(args[1:]))
+        else:
+            def reduce_output(mod, args, y, _layout=output_layouts):
+                out = DTensor.from_local(y, tp_mesh, [Partial()], run_check=False).redistribute(placements=[_layout])
+                out = out.to_local()
+                return out if mod.bias is None else out + local_tensor(mod.bias)
+            module.register_forward_pre_hook(lambda mod, args: (_to_local(args[0]),) + tuple(args[1:]))
+            module.register_forward_hook(reduce_output)
+
+
+def _to_local(x):
+    from torch.distributed.tensor import DTensor
+
+    return x.to_local() if isinstance(x, DTensor) else x
+
+
+class _LocalInputs:
+    """The local view of a replicated block input, made once per input DTensor, so q/k/v (gate/up)
+    see the same tensor and share their adapter's x Aᵀ (the A cache matches on tensor identity)."""
+
+    def __init__(self):
+        self.src, self.out = None, None
+
+    def get(self, x):
+        from torch.distributed.tensor import DTensor, Partial
+
+        if not isinstance(x, DTensor):
+            return x
+        if self.src is not None and self.src() is x:
+            return self.out
+        out = x.to_local(grad_placements=[Partial()] * x.device_mesh.ndim)
+        self.src, self.out = weakref.ref(x), out
+        return out
 
 
 def _loss_to_local(module, args, output):
@@ -144,19 +258,14 @@ def loss_context(enabled: bool):
     return stack
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return t._local_tensor if isinstance(t, DTensor) else t
-
-
 @torch.no_grad()
-def sync_replicated_grads(params: list[torch.Tensor], group, *, op: str) -> None:
-    """All-reduce the gradients of TP-replicated params over the TP group, one flat buffer.
+def sync_replicated_grads(grads: list[torch.Tensor | None], group, *, op: str) -> None:
+    """All-reduce the gradients (given, p.grad or an fp32 master-gradient buffer) of TP-replicated
+    params over the TP group, one flat buffer.
 
     op "sum": sequence-parallel partial gradients (each rank saw a sequence shard);
     op "avg": `sync_grad`, keeping replicated params' gradients bit-identical across TP ranks."""
-    grads = [_local(p.grad) for p in params if p.grad is not None]
+    grads = [local_tensor(g) for g in grads if g is not None]
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
@@ -172,7 +281,7 @@ def sync_replicated_grads(params: list[torch.Tensor], group, *, op: str) -> None
 @torch.no_grad()
 def broadcast_replicated(tensors: list[torch.Tensor], group) -> None:
     """`sync_param` / `sync_moment`: copy TP rank 0's values of replicated tensors to the others."""
-    local = [_local(t) for t in tensors]
+    local = [local_tensor(t) for t in tensors]
     if not local:
         return
     src = dist.get_global_rank(group, 0)

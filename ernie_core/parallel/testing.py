@@ -67,16 +67,3 @@ def spawn(fn: Callable, world_size: int, *args, timeout_s: float = 600.0) -> lis
         rank = min(errors)
         raise RuntimeError(f"rank {rank} of {world_size} failed:\n{errors[rank]}")
     return [results[r] for r in range(world_size)]
-
-
-def run_cli(runs: list[list[str]]) -> list[int]:
-    """Each argv through `python -m ernie_core.train`'s main, in order (every rank runs the same list)."""
-    from ..train.cli import main
-
-    codes = []
-    for argv in runs:
-        code = main(list(argv))
-        if code != 0:
-            raise RuntimeError(f"ernie_core.train {' '.join(argv)} exited with {code}")
-        codes.append(code)
-    return codes

@@ -1,4 +1,4 @@
-"""LoRA adapters as ERNIEKit / PaddleFormers write them (read only; ernie_reference §6, §11).
+"""LoRA adapters as ERNIEKit / PaddleFormers write them (read only; docs/behaviour.md#lora, #checkpoints).
 
 A directory holds `lora_config.json` (PaddleFormers' LoRAConfig: r, lora_alpha, rslora,
 lora_plus_scale, target_modules, base_model_name_or_path, ...) and the adapter weights as one of
@@ -10,7 +10,7 @@ lora_plus_scale, target_modules, base_model_name_or_path, ...) and the adapter w
 Keys are Paddle's: `ernie.layers.{i}.self_attn.qkv_proj.lora_A` [in, r] and `...lora_B` [r, out]
 (`model.` instead of `ernie.` in newer PaddleFormers), one adapter on the fused q|k|v weight and one
 on gate|up. They become PEFT tensors in our split HF names ([r, in] / [out, r]): each part gets the
-fused adapter's A and its columns of B (q | k | v, gate | up), which is the same function (§6), so
+fused adapter's A and its columns of B (q | k | v, gate | up), which is the same function (docs/behaviour.md#lora), so
 everything downstream (load_adapter, merge) reads one format. Reading needs the model config, for
 the q/k/v split sizes and to check every shape.
 """
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..models.io import iter_checkpoint_tensors
 from .lora import FUSED_PARTS, natural_key, resolve_alpha
 
 CONFIG_NAME = "lora_config.json"
@@ -75,7 +76,7 @@ def peft_config(path) -> dict:
         raise UserError(f"{f}: key 'r' must be a positive integer, got {r!r}")
     rslora = bool(raw.get("rslora", False))
     alpha = raw.get("lora_alpha", 8)  # PaddleFormers' LoRAConfig default
-    if raw.get("rslora_plus"):  # ERNIEKit's shortcut (§6)
+    if raw.get("rslora_plus"):  # ERNIEKit's shortcut (docs/behaviour.md#lora)
         rslora, alpha = True, 4
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or (alpha <= 0 and alpha != -1):
         raise UserError(f"{f}: key 'lora_alpha' must be > 0 or -1, got {alpha!r}")
@@ -202,8 +203,6 @@ def _array(value):
 
 def iter_weights(path) -> Iterator[tuple[Path, str, torch.Tensor]]:
     """(file, key, tensor) for every weight of the adapter."""
-    from ..models.io import iter_checkpoint_tensors
-
     for f in weight_files(path):
         if f.suffix == ".pdparams":
             for key, t in read_pdparams(f).items():

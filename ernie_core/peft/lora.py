@@ -1,4 +1,4 @@
-"""LoRA adapters on a plain model (ernie_reference §6): `apply_lora(model, rank=..., ...)`.
+"""LoRA adapters on a plain model (docs/behaviour.md#lora): `apply_lora(model, rank=..., ...)`.
 
 Every attention and FFN linear gets `y = x Wᵀ + scaling · (x Aᵀ) Bᵀ` with A [r, in] (Kaiming-uniform,
 a=√5) and B [out, r] (zeros), PEFT's [out, in] layout. ERNIEKit trains one adapter on the fused
@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 import weakref
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
+
+from ..models.config import FUSED_PROJECTIONS, natural_key
 
 # Leaf names of the linears that get adapters: HF split names and our fused ones (fuse_linear),
 # for dense layers and MoE experts alike. The router (`mlp.gate`), embeddings, norms and the LM
@@ -27,8 +29,8 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 # Siblings that share the leader's A (ERNIEKit's fused q|k|v and gate|up adapters).
 SHARED_A = {"q_proj": ("k_proj", "v_proj"), "gate_proj": ("up_proj",)}
 FOLLOWER_OF = {f: lead for lead, fs in SHARED_A.items() for f in fs}
-# Row order of our fused linears, in HF split names.
-FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "up_gate_proj": ("gate_proj", "up_proj")}
+# Row order of our fused linears, in HF split names (one definition, on the model config).
+FUSED_PARTS = FUSED_PROJECTIONS
 
 
 def resolve_alpha(rank: int, alpha: float, rslora: bool) -> float:
@@ -71,13 +73,15 @@ class _ACache:
     def __init__(self):
         self.x, self.a, self.key, self.h = None, None, None, None
 
-    def get(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    def get(self, x: torch.Tensor, a: torch.Tensor, local=None) -> torch.Tensor:
+        """h = x Aᵀ; `local(a)`, when given, is the tensor this rank multiplies with (tensor parallel)."""
         autocast = torch.is_autocast_enabled(x.device.type)
         key = (x._version, a._version, torch.is_grad_enabled(), autocast)
         if self.x is not None and self.x() is x and self.a is a and self.key == key:
             return self.h
         xd = x.detach()
-        h = F.linear(xd if autocast else xd.to(a.dtype), a)
+        a_mm = a if local is None else local(a)
+        h = F.linear(xd if autocast else xd.to(a_mm.dtype), a_mm)
         self.x, self.a, self.key, self.h = weakref.ref(x), a, key, h
         return h
 
@@ -161,7 +165,14 @@ class LoRALinear(nn.Linear):
 
     lora_A [r, in] and lora_B [out, r] are kept in fp32 whatever the base dtype: they are the only
     trained weights, and the optimizer updates them in place.
+
+    `tp_view` (None on one process) is set by tensor parallelism (parallel/tensor_parallel.py): the
+    parameters are then DTensors and the view maps each to the local tensor this rank computes with
+    (`view.local(name, param)`), adding the gradient reduction a replicated factor needs. The forward
+    is the same math on those local pieces.
     """
+
+    tp_view = None
 
     def __init__(self, *args, **kwargs):  # built through `wrap`, never directly
         raise TypeError("use LoRALinear.wrap(linear, rank, scaling)")
@@ -187,10 +198,18 @@ class LoRALinear(nn.Linear):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        view = self.tp_view
+        if view is None:
+            weight, bias, lora_b, a_local = self.weight, self.bias, self.lora_B, None
+        else:
+            weight, bias = view.local("weight", self.weight), view.local("bias", self.bias)
+            lora_b = view.local("lora_B", self.lora_B)
+            a_local = partial(view.local, "lora_A")
         if not self.enabled:
-            return F.linear(x, self.weight, self.bias)
-        h = self._a_cache.get(x, self.lora_A)  # autograd op in A: a shared A's gradient accumulates
-        return lora_linear(x, self.weight, self.bias, h, self.lora_A, self.lora_B, self.scaling)
+            return F.linear(x, weight, bias)
+        h = self._a_cache.get(x, self.lora_A, a_local)  # autograd op in A: a shared A's gradient accumulates
+        lora_a = self.lora_A if view is None else view.local("lora_A", self.lora_A).detach()
+        return lora_linear(x, weight, bias, h, lora_a, lora_b, self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling · B A in fp32, [out, in]: what merging adds to `weight`."""
@@ -202,11 +221,6 @@ class LoRALinear(nn.Linear):
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
-
-
-def natural_key(name: str) -> list:
-    """Sort key that puts layers.10 after layers.9."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -253,7 +267,7 @@ def apply_lora(model: nn.Module, *, rank: int, alpha: float = -1, rslora: bool =
 
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module):
-    """The base model: every adapter off inside the block (LoRA DPO's reference model, §7.4)."""
+    """The base model: every adapter off inside the block (LoRA DPO's reference model, docs/behaviour.md#dpo-reference-model)."""
     mods = list(lora_modules(model).values())
     states = [m.enabled for m in mods]
     for m in mods:
@@ -266,7 +280,7 @@ def adapters_disabled(model: nn.Module):
 
 
 def lora_plus_multiplier(lora_plus_scale: float):
-    """LoRA+ (§6): a learning-rate multiplier on the B matrices only; for train.optim.param_groups."""
+    """LoRA+ (docs/behaviour.md#lora): a learning-rate multiplier on the B matrices only; for train.optim.param_groups."""
     def multiplier(name: str) -> float:
         return float(lora_plus_scale) if name.endswith("lora_B") else 1.0
 

@@ -1,4 +1,4 @@
-"""Merging a PEFT adapter into base weights (ernie_reference §6, Merge): W <- W + scaling·B A, in
+"""Merging a PEFT adapter into base weights (docs/behaviour.md#lora, Merge): W <- W + scaling·B A, in
 fp32, cast back to W's dtype. Works on (name, tensor) streams in HF names, so a checkpoint is
 merged one tensor at a time without building a model."""
 from __future__ import annotations

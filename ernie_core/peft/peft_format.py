@@ -6,7 +6,7 @@ with PEFT's names for transformers' Ernie 4.5 modules, so
     base_model.model.model.layers.{i}.self_attn.q_proj.lora_B.weight   [out, r]
 
 Fused q|k|v or gate|up adapters (ours with fuse_linear, or ERNIEKit's) are written split: each part
-gets a copy of A and its rows of B, which is the same function (§6, "Export to split PEFT form is
+gets a copy of A and its rows of B, which is the same function (docs/behaviour.md#lora, "Export to split PEFT form is
 exact"). Reading back, parts whose A's are equal become one shared A again.
 
 `load_adapter` / `read_any_adapter` also read ERNIEKit's adapters (lora_config.json +
@@ -55,9 +55,7 @@ def is_adapter_dir(path) -> bool:
 
 def fused_sizes(leaf: str, model_config) -> tuple[int, ...]:
     """Row sizes of our fused linears' parts ([out, in] layout), from the model config."""
-    if leaf == "qkv_proj":
-        return model_config.q_dim, model_config.kv_dim, model_config.kv_dim
-    return model_config.intermediate_size, model_config.intermediate_size
+    return tuple(n for _, n in model_config.fused_parts(leaf))
 
 
 def to_peft_tensors(state: dict[str, torch.Tensor], model_config=None) -> dict[str, torch.Tensor]:

@@ -22,6 +22,7 @@ import torch
 
 from .lora import LoraSpec, apply_lora
 from ..errors import UserError
+from ..models.io import write_hf_checkpoint
 from .peft_format import adapter_format, load_adapter, save_adapter
 
 LORA_SUFFIXES = (".lora_A", ".lora_B")
@@ -74,7 +75,5 @@ class LoraRun:
         adapter = {k: v for k, v in model_state.items() if k.endswith(LORA_SUFFIXES)}
         save_adapter(path, adapter, self.spec, model_config=self.model_config, base_model_name_or_path=self.base_name)
         if self.save_base:
-            from ..models.io import write_hf_checkpoint
-
             base = {k: v for k, v in model_state.items() if not k.endswith(LORA_SUFFIXES)}
             write_hf_checkpoint(base, self.model_config, path)

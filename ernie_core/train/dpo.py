@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..parallel.pipeline import PipelinedModel
 from ..parallel.reference import ShardSnapshot, fsdp_modules, local_pieces_from_checkpoint, run_as_forward
-from ..parallel.tensor_parallel import _local
+from ..parallel.dtensor import local_tensor as _local
 from ..parallel.vocab_parallel import vocab_parallel_token_logps, vocab_sharded
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "dpop", "kto_pair", "sppo_hard", "nca_pair", "or", "orpo")

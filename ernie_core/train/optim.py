@@ -1,5 +1,4 @@
-"""AdamW parameter groups, the optimizers and the five learning-rate schedules (ernie_reference
-§12.1, §12.3; master weights, fp32 gradients, low-precision moments and offloaded state §12.5, §8)."""
+"""AdamW parameter groups, the optimizers and the five learning-rate schedules (docs/behaviour.md#loss-batch-optimizer, #learning-rate; master weights, fp32 gradients, low-precision moments and offloaded state docs/behaviour.md#precision-and-parallelism, #fp8)."""
 from __future__ import annotations
 
 import math
@@ -91,7 +90,7 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
     parameter's state to that parameter's device, updates it and moves it back before the next
     parameter, so the device holds one tensor's state at a time. With the parameters on the CPU the
     moves are no-ops by construction. `clip_grad_norm_` + `step` replace the layout's optimizer step
-    (single process only, checked by the trainer)."""
+    on one process; under a parallel layout the layout's global-norm clip runs on `_grad(p)` instead."""
 
     clips_own_grads = True
 
@@ -110,7 +109,7 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
                 if p.dtype == torch.float32:
                     continue
                 seed = masters.get(name)  # the fp32 value the parameter had before it was rounded (O2 cast)
-                master = seed.detach() if seed is not None and seed.shape == p.shape else p.detach().float()
+                master = _like(seed.detach(), p) if seed is not None and seed.shape == p.shape else p.detach().float()
                 self.state[p]["master"] = self._to_storage(master.to(torch.float32))
                 if master_grad:
                     self._hooks.append(p.register_post_accumulate_grad_hook(_accumulate_hook(self)))
@@ -122,6 +121,8 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
     def _to_storage(self, t: torch.Tensor, *, like: torch.Tensor | None = None) -> torch.Tensor:
         """`t` as it is kept between steps (host memory, pinned when CUDA is available, when offloading)."""
         device = self._storage_device(like if like is not None else t)
+        if not _is_plain(t):  # a DTensor shard (TP, FSDP): moved as a whole, placements kept
+            return t.to(device) if t.device != device else t
         if not self.offload or t.device == device and (not _pinned_host() or t.is_pinned()):
             return t.to(device) if t.device != device else t
         out = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=_pinned_host())
@@ -146,12 +147,9 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
                 st = self.state.get(p)
                 if not st:
                     continue
-                master = st.pop("master", None)
+                master = adopt_master(p, st)
                 if master is not None:
-                    if p.dtype == torch.float32:
-                        p.copy_(master.to(p.device))
-                    else:
-                        st["master"] = self._to_storage(master.to(torch.float32), like=p)
+                    st["master"] = self._to_storage(master.to(torch.float32), like=p)
                 for k in MOMENTS:
                     if k in st:
                         st[k] = self._to_storage(st[k].to(self.moment_dtype), like=p)
@@ -247,7 +245,7 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
             st["step"] = torch.tensor(0.0, dtype=torch.float32)
         for k in MOMENTS:
             if k not in st:
-                st[k] = self._to_storage(torch.zeros(p.shape, dtype=self.moment_dtype, device=p.device), like=p)
+                st[k] = self._to_storage(torch.zeros_like(p, dtype=self.moment_dtype), like=p)  # DTensor if p is
         if p.dtype != torch.float32 and "master" not in st:  # e.g. saved with remove_master_weight
             st["master"] = self._to_storage(p.detach().to(torch.float32), like=p)
         return st
@@ -303,6 +301,34 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
                    if torch.is_tensor(t) and t.dim() > 0)
 
 
+@torch.no_grad()
+def adopt_master(p: torch.Tensor, st: dict) -> torch.Tensor | None:
+    """Take a saved master weight out of a parameter's optimizer state. An fp32 parameter is its own
+    master: the saved value is copied into it (an O2 checkpoint resumed under O1 or a sharded layout)
+    and None returned; a low-precision parameter gets the master back to keep."""
+    master = st.pop("master", None)
+    if master is None or p.dtype != torch.float32:
+        return master
+    p.copy_(master.to(p.device))
+    return None
+
+
+def _is_plain(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return not isinstance(t, DTensor)
+
+
+def _like(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A full tensor laid out like parameter p: p's own shard when p is a DTensor (tensor parallel), so
+    the master weight is sharded exactly like its parameter. No communication (every rank has `full`)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(p, DTensor) and not isinstance(full, DTensor):
+        return distribute_tensor(full.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+    return full
+
+
 def _accumulate_hook(optimizer: MixedPrecisionAdamW):
     """The gradient hook holds the optimizer weakly: a dropped optimizer leaves p.grad alone."""
     import weakref
@@ -329,9 +355,7 @@ def conform_loaded_state(optimizer) -> None:
             st = optimizer.state.get(p)
             if not st:
                 continue
-            master = st.pop("master", None)
-            if master is not None:
-                p.copy_(master.to(p.device, p.dtype))
+            adopt_master(p, st)
             for k in MOMENTS:
                 if k in st and st[k].dtype != p.dtype:
                     st[k] = st[k].to(p.dtype)

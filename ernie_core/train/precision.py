@@ -1,4 +1,4 @@
-"""Mixed precision of a training run (ernie_reference §12.5): the AMP level, O2's low-precision
+"""Mixed precision of a training run (docs/behaviour.md#precision-and-parallelism): the AMP level, O2's low-precision
 parameters, and the optimizer options that go with them.
 
 | level | parameters                         | forward/backward                  | optimizer update           |
@@ -10,7 +10,8 @@ parameters, and the optimizer options that go with them.
 compute_type fp32 is O0 whatever fp16_opt_level says. Under O2 the update runs on the fp32 master
 copy held by the optimizer (`MixedPrecisionAdamW`) and is rounded into the bf16 parameter;
 `amp_master_grad` accumulates and clips the gradients in fp32, otherwise they accumulate in bf16
-in `p.grad` and are upcast at the step. Ops that need fp32 (cross-entropy, loss sums and divisions,
+in `p.grad` and are upcast at the step. Under a parallel layout the master weights are kept once,
+sharded like their parameter (FSDP shards, ZeRO-1 slices, TP DTensor shards; parallel/context.py). Ops that need fp32 (cross-entropy, loss sums and divisions,
 RoPE sin/cos, softmax statistics, norm statistics) compute in fp32 inside the model and the op
 kernels at every level, which is what ERNIEKit's amp_custom_black_list asks for.
 
@@ -63,24 +64,6 @@ class AmpPlan:
     def custom_optimizer(self) -> bool:
         """Whether the run needs MixedPrecisionAdamW (anything but plain fp32 AdamW state on device)."""
         return self.level == "O2" or self.offload or self.moment_dtype != torch.float32
-
-    def check_layout(self, dims, model: torch.nn.Module | None = None) -> None:
-        """O2 master weights, fp32 gradient buffers and offloaded optimizer state are implemented for
-        single-process runs; the parallel layouts own gradients and optimizer state themselves. O2
-        with only fp32 trainable weights (LoRA adapters) needs no master weights and runs anywhere.
-        Call after cast_model."""
-        if not dims.distributed:
-            return
-        low = self.level == "O2" and (model is None or any(
-            p.requires_grad and p.dtype != torch.float32 for p in model.parameters()))
-        wanted = [name for name, on in (("fp16_opt_level: O2", low),
-                                        ("offload_optim / tensorwise_offload_optimizer", self.offload),
-                                        ("use_lowprecision_moment", self.moment_dtype != torch.float32)) if on]
-        if wanted:
-            raise ConfigError(f"{', '.join(wanted)} run on one process only for now (the {dims.describe()} layout "
-                              "reduces and shards gradients and optimizer state itself); under torchrun use "
-                              "fp16_opt_level: O1 (fp32 weights, bf16 autocast: the same update math), "
-                              "offload_optim: false, and 'sharding: stage2 offload' to keep state in host memory")
 
     def autocast(self, device_type: str):
         if self.dtype is None:

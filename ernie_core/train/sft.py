@@ -5,7 +5,7 @@ import torch
 
 
 class SFTObjective:
-    """Data and loss of supervised fine-tuning (ernie_reference §3, §12.1)."""
+    """Data and loss of supervised fine-tuning (docs/behaviour.md#sft-data-format, #loss-batch-optimizer)."""
 
     name = "SFT"
 

@@ -43,7 +43,7 @@ def model_runtime_kwargs(cfg) -> dict:
 
 
 def dropout_rates(step: int, hidden_p: float, attn_p: float, warmup: int) -> tuple[float, float]:
-    """Linear ramp from 0 to the configured rates over `warmup` steps, then hold (§12.4)."""
+    """Linear ramp from 0 to the configured rates over `warmup` steps, then hold (docs/behaviour.md#dropout-warmup)."""
     ramp = 1.0 if warmup <= 0 else min(1.0, step / warmup)
     return hidden_p * ramp, attn_p * ramp
 
@@ -124,13 +124,12 @@ class Trainer:
                                       rslora=cfg.lora.rslora, bf16_base=cfg.precision.bf16,
                                       adapter_path=self.resume_dir or cfg.lora.lora_path,
                                       base_path=cfg.basic.model_name_or_path, save_base=not cfg.basic.continue_training)
-        # AMP (§12.5): O2 stores the weights in bf16; their fp32 values seed the optimizer's master weights.
+        # AMP (docs/behaviour.md#precision-and-parallelism): O2 stores the weights in bf16; their fp32 values seed the optimizer's master weights.
         self.amp = AmpPlan.from_config(cfg)
         self._master_seeds = self.amp.cast_model(self.model)
-        self.amp.check_layout(self.parallel.dims, self.model)
         self.model.train()
         self.model_config = self.model.config
-        self.model = self.parallel.parallelize(self.model)  # TP/SP, pipeline stage, dp/ZeRO (same model if 1 process)
+        self.model = self.parallel.parallelize(self.model, masters=self._master_seeds)  # TP/SP, PP, dp/ZeRO
 
     def setup_optimizer(self) -> None:
         cfg = self.cfg
@@ -152,7 +151,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, **self.schedule)
 
     def _lora_plus(self):
-        """LoRA+: lora_plus_scale multiplies the learning rate of the B matrices only (§6)."""
+        """LoRA+: lora_plus_scale multiplies the learning rate of the B matrices only (docs/behaviour.md#lora)."""
         if not self.cfg.lora.lora:
             return None
         from ..peft import lora_plus_multiplier
@@ -222,7 +221,7 @@ class Trainer:
         return self.parallel.reduce_step_stats(total, tokens, metrics)  # mean loss, total tokens over replicas
 
     def optimizer_step(self) -> float:
-        if getattr(self.optimizer, "clips_own_grads", False):  # fp32 norm/clip over master grads, update on masters
+        if getattr(self.optimizer, "clips_own_grads", False) and not self.parallel.dims.distributed:  # fp32 clip
             grad_norm = self.optimizer.clip_grad_norm_(self.cfg.train.max_grad_norm)
             self.optimizer.step()
         else:  # global-norm clip (every shard counted once) + the update, with the layout's syncs around it

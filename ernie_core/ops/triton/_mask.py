@@ -1,6 +1,6 @@
 """FlashMask tile plans, built with torch ops before the attention kernels run.
 
-Every mask mode of ernie_reference §5.3 is rewritten per key column j as two masked row spans:
+Every mask mode of docs/behaviour.md#flashmask-row-indices is rewritten per key column j as two masked row spans:
 lower [ls, le) (already clamped to rows >= j) and upper [us, ue) (clamped to rows < j). Row i may
 attend column j unless it lies in one of them. An empty span is stored as (BIG, -BIG) so that it
 never moves a block's min(start) down or max(end) up; padding columns (j >= S) are masked for every
@@ -134,7 +134,7 @@ def allowed_pairs(idx: torch.Tensor | None, causal: bool, S: int, batch: int = 1
 
 def example_indices(mode: str, B: int, S: int, Hm: int = 1, generator: torch.Generator | None = None,
                     n_docs: int = 4) -> torch.Tensor:
-    """int32 [B, Hm, S, n] FlashMask indices of one §5.3 mode with random boundaries.
+    """int32 [B, Hm, S, n] FlashMask indices of one docs/behaviour.md#flashmask-row-indices mode with random boundaries.
 
     causal_doc (n=1): documents then 0-3 pad columns; share_prompt (n=2): prompt, two answers that
     do not see each other, the rest; prefix_lm (bidirectional n=2); global_docs (bidirectional n=4:
