@@ -44,6 +44,12 @@ const char* flashmask_check(const FlashMaskParams& p);
 void flashmask_fwd(const FlashMaskParams& p);
 void flashmask_bwd(const FlashMaskParams& p);
 
+// The bf16-arithmetic path (flashmask_bf16.cpp) for bf16 tensors: usable when the CPU has
+// AVX512-BF16 and ERNIE_CORE_FLASHMASK_PORTABLE=1 is not set; flashmask_fwd/bwd dispatch to it.
+bool flashmask_bf16_usable();
+void flashmask_fwd_bf16(const FlashMaskParams& p);
+void flashmask_bwd_bf16(const FlashMaskParams& p);
+
 // ---- shared by forward and backward -----------------------------------------------------------
 
 constexpr int kBlockM = 64;  // query rows per tile

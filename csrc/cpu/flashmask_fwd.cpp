@@ -102,6 +102,7 @@ void fwd_task(const FlashMaskParams& p, const ColumnMask& cm, const TransposedKV
 }  // namespace
 
 void flashmask_fwd(const FlashMaskParams& p) {
+  if (p.dtype == DType::kBFloat16 && flashmask_bf16_usable()) return flashmask_fwd_bf16(p);
   const ColumnMask cm(p);
   const TransposedKV kv(p);
   const Dropout drop(p);
