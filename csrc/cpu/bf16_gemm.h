@@ -12,6 +12,8 @@
 //
 // Every function here is compiled for AVX512-BF16 through a target attribute, so the file builds
 // with or without -march=native; callers must check `cpu_has_avx512_bf16()` at run time first.
+// At the end, an fp32 sibling (FMA on AVX-512F, `cpu_has_avx512f()`) with the same operand
+// addressing, so one tiled algorithm can be written for both element types.
 #pragma once
 
 #include <immintrin.h>
@@ -143,6 +145,86 @@ ERNIE_BF16_TARGET inline __m512 exp2_16(__m512 x) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
   return _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(p, n));
+}
+
+
+// ---- the fp32 sibling: same addressing with single fp32 elements instead of bf16 pairs ----------
+// C[M][16 NV] (mode) A . B, A(m, k) = A[m * a_rs + k * a_ks] (broadcast), B[k * ldb + n]; FMA.
+#define ERNIE_F32_TARGET __attribute__((target("avx512f,avx512dq,fma")))
+
+inline bool cpu_has_avx512f() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f");
+}
+
+template <int NV, int R>
+ERNIE_F32_TARGET inline void gemm_rows_f32(Accum mode, int K, const float* A, int64_t a_rs, int64_t a_ks,
+                                           const float* B, int64_t ldb, float* C, int64_t ldc,
+                                           const float* row_scale) {
+  __m512 c[R][NV];
+  for (int r = 0; r < R; ++r) {
+    const __m512 s = mode == Accum::kScaleAdd ? _mm512_set1_ps(row_scale[r]) : _mm512_setzero_ps();
+    for (int v = 0; v < NV; ++v) {
+      if (mode == Accum::kOverwrite) {
+        c[r][v] = _mm512_setzero_ps();
+      } else {
+        const __m512 old = _mm512_loadu_ps(C + r * ldc + 16 * v);
+        c[r][v] = mode == Accum::kAdd ? old : _mm512_mul_ps(old, s);
+      }
+    }
+  }
+  for (int k = 0; k < K; ++k) {
+    __m512 b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_ps(B + k * ldb + 16 * v);
+    for (int r = 0; r < R; ++r) {
+      const __m512 a = _mm512_set1_ps(A[r * a_rs + k * a_ks]);
+      for (int v = 0; v < NV; ++v) c[r][v] = _mm512_fmadd_ps(a, b[v], c[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + r * ldc + 16 * v, c[r][v]);
+}
+
+template <int NV>
+ERNIE_F32_TARGET inline void gemm_nv_f32(Accum mode, int M, int K, const float* A, int64_t a_rs, int64_t a_ks,
+                                         const float* B, int64_t ldb, float* C, int64_t ldc, const float* row_scale) {
+  constexpr int R = rows_per_block<NV>();
+  int m = 0;
+  for (; m + R <= M; m += R)
+    gemm_rows_f32<NV, R>(mode, K, A + m * a_rs, a_rs, a_ks, B, ldb, C + m * ldc, ldc,
+                         row_scale ? row_scale + m : nullptr);
+  for (; m < M; ++m)
+    gemm_rows_f32<NV, 1>(mode, K, A + m * a_rs, a_rs, a_ks, B, ldb, C + m * ldc, ldc,
+                         row_scale ? row_scale + m : nullptr);
+}
+
+ERNIE_F32_TARGET inline void gemm(int nv, Accum mode, int M, int K, const float* A, int64_t a_rs, int64_t a_ks,
+                                  const float* B, int64_t ldb, float* C, int64_t ldc,
+                                  const float* row_scale = nullptr) {
+  switch (nv) {
+#define ERNIE_F32_GEMM_CASE(N) \
+  case N:                      \
+    return gemm_nv_f32<N>(mode, M, K, A, a_rs, a_ks, B, ldb, C, ldc, row_scale);
+    ERNIE_F32_GEMM_CASE(1)
+    ERNIE_F32_GEMM_CASE(2)
+    ERNIE_F32_GEMM_CASE(3)
+    ERNIE_F32_GEMM_CASE(4)
+    ERNIE_F32_GEMM_CASE(5)
+    ERNIE_F32_GEMM_CASE(6)
+    ERNIE_F32_GEMM_CASE(7)
+    ERNIE_F32_GEMM_CASE(8)
+    ERNIE_F32_GEMM_CASE(9)
+    ERNIE_F32_GEMM_CASE(10)
+    ERNIE_F32_GEMM_CASE(11)
+    ERNIE_F32_GEMM_CASE(12)
+    ERNIE_F32_GEMM_CASE(13)
+    ERNIE_F32_GEMM_CASE(14)
+    ERNIE_F32_GEMM_CASE(15)
+    ERNIE_F32_GEMM_CASE(16)
+#undef ERNIE_F32_GEMM_CASE
+    default:
+      break;
+  }
 }
 
 }  // namespace bf16k

@@ -102,7 +102,7 @@ void fwd_task(const FlashMaskParams& p, const ColumnMask& cm, const TransposedKV
 }  // namespace
 
 void flashmask_fwd(const FlashMaskParams& p) {
-  if (p.dtype == DType::kBFloat16 && flashmask_bf16_usable()) return flashmask_fwd_bf16(p);
+  if (flashmask_avx512_usable(p.dtype)) return flashmask_fwd_avx512(p);
   const ColumnMask cm(p);
   const TransposedKV kv(p);
   const Dropout drop(p);
