@@ -94,12 +94,15 @@ struct Packed {
           *qrp = nullptr, *dorp = nullptr;
 };
 
+// The pack_* loops are orphaned `omp for nowait`: called inside the caller's parallel region (one
+// region per call: on a loaded machine every extra fork/join barrier costs time), their buffers
+// allocated and zeroed beforehand by the caller (`alloc`).
+
 // Row-major [S_pad][dp] copy of each head (zero padding).
 template <class E>
 void pack_natural(const FlashMaskParams& p, const void* src_, const int64_t* st, int heads, int dp, int s_pad,
                   std::vector<E>& dst) {
-  dst.assign(int64_t(p.B) * heads * s_pad * dp, E(0));
-#pragma omp parallel for num_threads(p.num_threads) schedule(static)
+#pragma omp for schedule(static) nowait
   for (int64_t bh = 0; bh < int64_t(p.B) * heads; ++bh) {
     const int b = int(bh / heads), h = int(bh % heads);
     const E* src = static_cast<const E*>(src_) + b * st[0] + h * st[2];
@@ -113,8 +116,7 @@ template <class E>
 void pack_t(const FlashMaskParams& p, const void* src_, const int64_t* st, int dp, int ncb, std::vector<E>& dst) {
   constexpr int P = Elem<E>::P;
   const int64_t head = int64_t(ncb) * kTile * dp;
-  dst.assign(int64_t(p.B) * p.Hkv * head, E(0));
-#pragma omp parallel for num_threads(p.num_threads) schedule(static)
+#pragma omp for schedule(static) nowait
   for (int64_t bh = 0; bh < int64_t(p.B) * p.Hkv; ++bh) {
     const int b = int(bh / p.Hkv), h = int(bh % p.Hkv);
     const E* src = static_cast<const E*>(src_) + b * st[0] + h * st[2];
@@ -132,8 +134,7 @@ template <class E>
 void pack_rp(const FlashMaskParams& p, const void* src_, const int64_t* st, int heads, int dp, int s_pad,
              std::vector<E>& dst) {
   const int64_t head = int64_t(s_pad) * dp;
-  dst.assign(int64_t(p.B) * heads * head, E(0));
-#pragma omp parallel for num_threads(p.num_threads) schedule(static)
+#pragma omp for schedule(static) nowait
   for (int64_t bh = 0; bh < int64_t(p.B) * heads; ++bh) {
     const int b = int(bh / heads), h = int(bh % heads);
     const E* src = static_cast<const E*>(src_) + b * st[0] + h * st[2];
@@ -146,17 +147,19 @@ void pack_rp(const FlashMaskParams& p, const void* src_, const int64_t* st, int 
   }
 }
 
-// Packs the sequence-paired layout, or for P = 1 points it at the row-major one.
 template <class E>
-const E* pack_seq(const FlashMaskParams& p, const void* src, const int64_t* st, int heads, const Packed<E>& pk,
-                  const E* natural, std::vector<E>& storage) {
-  if (Elem<E>::P == 1 && natural) return natural;
+void alloc(std::vector<E>& v, int64_t heads, const Packed<E>& pk) { v.assign(heads * pk.head, E(0)); }
+
+// The sequence-paired layout (P = 2) or, for P = 1, the row-major one (`natural`, when given, is reused).
+template <class E>
+void pack_seq(const FlashMaskParams& p, const void* src, const int64_t* st, int heads, const Packed<E>& pk,
+              const E* natural, std::vector<E>& storage) {
+  if (Elem<E>::P == 1 && natural) return;
   if (Elem<E>::P == 1) {
     pack_natural(p, src, st, heads, pk.dp, pk.s_pad, storage);
   } else {
     pack_rp(p, src, st, heads, pk.dp, pk.s_pad, storage);
   }
-  return storage.data();
 }
 
 int mask_head(const FlashMaskParams& p, int b, int hk) { return b * p.idx_heads + (p.idx_heads == 1 ? 0 : hk); }
@@ -401,11 +404,10 @@ void fwd(const FlashMaskParams& p) {
   const Dropout drop(p);
   Packed<E> pk;
   init_layout(p, pk);
-  pack_natural<E>(p, p.q, p.q_stride, p.Hq, pk.dp, pk.s_pad, pk.qn_);
-  pk.qn = pk.qn_.data();
-  pack_t<E>(p, p.k, p.k_stride, pk.dp, pk.ncb, pk.kt_);
-  pk.kt = pk.kt_.data();
-  pk.vrp = pack_seq<E>(p, p.v, p.v_stride, p.Hkv, pk, nullptr, pk.vrp_);
+  alloc(pk.qn_, int64_t(p.B) * p.Hq, pk);
+  alloc(pk.kt_, int64_t(p.B) * p.Hkv, pk);
+  alloc(pk.vrp_, int64_t(p.B) * p.Hkv, pk);
+  pk.qn = pk.qn_.data(), pk.kt = pk.kt_.data(), pk.vrp = pk.vrp_.data();
   const int nrb = pk.ncb;
   const std::vector<int> tiles = visible_tiles(p, cm, nrb, true);
   const int64_t tasks = int64_t(p.B) * p.Hq * nrb;
@@ -417,7 +419,11 @@ void fwd(const FlashMaskParams& p) {
   const std::vector<int64_t> order = order_by_work(work);
 #pragma omp parallel num_threads(p.num_threads)
   {
+    pack_natural<E>(p, p.q, p.q_stride, p.Hq, pk.dp, pk.s_pad, pk.qn_);
+    pack_t<E>(p, p.k, p.k_stride, pk.dp, pk.ncb, pk.kt_);
+    pack_seq<E>(p, p.v, p.v_stride, p.Hkv, pk, nullptr, pk.vrp_);
     FwdScratch<E> w(pk.dp);
+#pragma omp barrier
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < tasks; ++i) {
       const int64_t t = order[i];
@@ -430,34 +436,24 @@ void fwd(const FlashMaskParams& p) {
 template <class E>
 void bwd(const FlashMaskParams& p) {
   using T = typename Elem<E>::T;
+  constexpr int P = Elem<E>::P;
   const ColumnMask cm(p);
   const Dropout drop(p);
   Packed<E> pk;
   init_layout(p, pk);
-  pack_natural<E>(p, p.q, p.q_stride, p.Hq, pk.dp, pk.s_pad, pk.qn_);
-  pack_natural<E>(p, p.dout, p.do_stride, p.Hq, pk.dp, pk.s_pad, pk.don_);
-  pk.qn = pk.qn_.data(), pk.don = pk.don_.data();
-  pk.qrp = pack_seq<E>(p, p.q, p.q_stride, p.Hq, pk, pk.qn, pk.qrp_);
-  pk.dorp = pack_seq<E>(p, p.dout, p.do_stride, p.Hq, pk, pk.don, pk.dorp_);
-  pack_t<E>(p, p.k, p.k_stride, pk.dp, pk.ncb, pk.kt_);
-  pack_t<E>(p, p.v, p.v_stride, pk.dp, pk.ncb, pk.vt_);
-  pk.kt = pk.kt_.data(), pk.vt = pk.vt_.data();
-  pk.krp = pack_seq<E>(p, p.k, p.k_stride, p.Hkv, pk, nullptr, pk.krp_);
-  // delta = rowsum(dO * O) - dlse, fp32.
-  const int64_t rows = int64_t(p.B) * p.Hq * p.S;
+  const int64_t nq = int64_t(p.B) * p.Hq, nkv = int64_t(p.B) * p.Hkv;
+  alloc(pk.qn_, nq, pk), alloc(pk.don_, nq, pk), alloc(pk.kt_, nkv, pk), alloc(pk.vt_, nkv, pk);
+  alloc(pk.krp_, nkv, pk);
+  if (P == 2) alloc(pk.qrp_, nq, pk), alloc(pk.dorp_, nq, pk);
+  pk.qn = pk.qn_.data(), pk.don = pk.don_.data(), pk.kt = pk.kt_.data(), pk.vt = pk.vt_.data();
+  pk.krp = pk.krp_.data();
+  pk.qrp = P == 2 ? pk.qrp_.data() : pk.qn;
+  pk.dorp = P == 2 ? pk.dorp_.data() : pk.don;
+  const int64_t rows = nq * p.S;
   std::vector<float> delta(rows);
-#pragma omp parallel for num_threads(p.num_threads) schedule(static)
-  for (int64_t t = 0; t < rows; ++t) {
-    const int i = int(t % p.S), h = int((t / p.S) % p.Hq), b = int(t / (int64_t(p.S) * p.Hq));
-    const T* o = static_cast<const T*>(p.out) + b * p.o_stride[0] + i * p.o_stride[1] + h * p.o_stride[2];
-    const T* g = static_cast<const T*>(p.dout) + b * p.do_stride[0] + i * p.do_stride[1] + h * p.do_stride[2];
-    float acc = 0.f;
-    for (int d = 0; d < p.D; ++d) acc += to_float(o[d]) * to_float(g[d]);
-    delta[t] = acc - (p.dlse ? p.dlse[t] : 0.f);
-  }
   const int ncb = pk.ncb, group = p.Hq / p.Hkv;
   const std::vector<int> tiles = visible_tiles(p, cm, ncb, false);
-  const int64_t tasks = int64_t(p.B) * p.Hkv * ncb;
+  const int64_t tasks = nkv * ncb;
   std::vector<int> work(tasks);
   for (int64_t t = 0; t < tasks; ++t) {
     const int cb = int(t % ncb), hk = int((t / ncb) % p.Hkv), b = int(t / (int64_t(ncb) * p.Hkv));
@@ -465,13 +461,31 @@ void bwd(const FlashMaskParams& p) {
   }
   const std::vector<int64_t> order = order_by_work(work);
   const int nthreads = int(std::max<int64_t>(1, std::min<int64_t>(p.num_threads, tasks)));
-  const int64_t dq_size = int64_t(p.B) * p.Hq * pk.head;
+  const int64_t dq_size = nq * pk.head;
   std::vector<std::vector<float>> dq_acc(nthreads);
 #pragma omp parallel num_threads(nthreads)
   {
     const int tid = omp_get_thread_num();
+    pack_natural<E>(p, p.q, p.q_stride, p.Hq, pk.dp, pk.s_pad, pk.qn_);
+    pack_natural<E>(p, p.dout, p.do_stride, p.Hq, pk.dp, pk.s_pad, pk.don_);
+    pack_seq<E>(p, p.q, p.q_stride, p.Hq, pk, pk.qn, pk.qrp_);
+    pack_seq<E>(p, p.dout, p.do_stride, p.Hq, pk, pk.don, pk.dorp_);
+    pack_t<E>(p, p.k, p.k_stride, pk.dp, pk.ncb, pk.kt_);
+    pack_t<E>(p, p.v, p.v_stride, pk.dp, pk.ncb, pk.vt_);
+    pack_seq<E>(p, p.k, p.k_stride, p.Hkv, pk, nullptr, pk.krp_);
+    // delta = rowsum(dO * O) - dlse, fp32.
+#pragma omp for schedule(static) nowait
+    for (int64_t t = 0; t < rows; ++t) {
+      const int i = int(t % p.S), h = int((t / p.S) % p.Hq), b = int(t / (int64_t(p.S) * p.Hq));
+      const T* o = static_cast<const T*>(p.out) + b * p.o_stride[0] + i * p.o_stride[1] + h * p.o_stride[2];
+      const T* g = static_cast<const T*>(p.dout) + b * p.do_stride[0] + i * p.do_stride[1] + h * p.do_stride[2];
+      float acc = 0.f;
+      for (int d = 0; d < p.D; ++d) acc += to_float(o[d]) * to_float(g[d]);
+      delta[t] = acc - (p.dlse ? p.dlse[t] : 0.f);
+    }
     dq_acc[tid].assign(dq_size, 0.f);  // first touch by its own thread
     BwdScratch<E> w(pk.dp);
+#pragma omp barrier
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < tasks; ++i) {
       const int64_t t = order[i];
