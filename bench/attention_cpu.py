@@ -268,10 +268,14 @@ def main(argv=None):
     parser.add_argument("--dropout-seqs", type=int, nargs="*", help="dropout rows' lengths (default 2048 4096)")
     parser.add_argument("--dropout-only", action="store_true", help="only the dropout rows")
     parser.add_argument("--no-dropout", action="store_true", help="skip the dropout rows")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch (and kernel) threads, 0: torch's default; 1 gives the steadiest numbers on a busy machine")
     args = parser.parse_args(argv)
     if not _backend.has_kernel("flashmask_attention", "cpu"):
         sys.exit("the C++ kernels are not built: pip install --no-build-isolation -e .")
     os.environ["ERNIE_CORE_BACKEND"] = "cpu"
+    if args.threads:
+        torch.set_num_threads(args.threads)
     seqs = args.seqs or ([1024, 2048] if args.quick else [2048, 4096, 8192])
     repeats = args.repeats or (2 if args.quick else 3)
     dtypes = [getattr(torch, d) for d in args.dtypes]
@@ -308,7 +312,7 @@ def main(argv=None):
         print()
     name = "attention_cpu" + ("-dropout" if args.dropout_only else "") + ("-quick" if args.quick else "")
     _harness.write_results(name, rows + dropout_rows, columns if rows else dropout_columns,
-                           extra={"shape": {"B": B, "Hq": HQ, "Hkv": HKV}, "matmul": mm,
+                           extra={"shape": {"B": B, "Hq": HQ, "Hkv": HKV}, "matmul": mm, "threads": torch.get_num_threads(),
                                   "load_avg_at_end": os.getloadavg()})
 
 

@@ -20,6 +20,9 @@
 
 #include <cstdint>
 
+#ifndef ERNIE_R4
+#define ERNIE_R4 6
+#endif
 #define ERNIE_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
 
 namespace ernie_cpu {
@@ -72,7 +75,7 @@ ERNIE_BF16_TARGET inline void gemm_rows(Accum mode, int kp, const uint32_t* A, i
 // Rows per register block: about 16-24 accumulators, the rest of the 32 registers for B and A.
 template <int NV>
 constexpr int rows_per_block() {
-  return NV <= 1 ? 8 : NV == 2 ? 8 : NV <= 4 ? 4 : NV <= 8 ? 2 : 1;
+  return NV <= 1 ? 8 : NV == 2 ? 8 : NV <= 3 ? 6 : NV <= 4 ? ERNIE_R4 : NV <= 8 ? 2 : 1;
 }
 
 template <int NV>
@@ -82,6 +85,9 @@ ERNIE_BF16_TARGET inline void gemm_nv(Accum mode, int M, int kp, const uint32_t*
   int m = 0;
   for (; m + R <= M; m += R)
     gemm_rows<NV, R>(mode, kp, A + m * a_rs, a_rs, a_ks, B, ldb, C + m * ldc, ldc, row_scale ? row_scale + m : nullptr);
+  if constexpr (R > 4 && NV <= 4)
+    for (; m + 4 <= M; m += 4)
+      gemm_rows<NV, 4>(mode, kp, A + m * a_rs, a_rs, a_ks, B, ldb, C + m * ldc, ldc, row_scale ? row_scale + m : nullptr);
   for (; m < M; ++m)
     gemm_rows<NV, 1>(mode, kp, A + m * a_rs, a_rs, a_ks, B, ldb, C + m * ldc, ldc, row_scale ? row_scale + m : nullptr);
 }
@@ -193,6 +199,9 @@ ERNIE_F32_TARGET inline void gemm_nv_f32(Accum mode, int M, int K, const float* 
   for (; m + R <= M; m += R)
     gemm_rows_f32<NV, R>(mode, K, A + m * a_rs, a_rs, a_ks, B, ldb, C + m * ldc, ldc,
                          row_scale ? row_scale + m : nullptr);
+  if constexpr (R > 4 && NV <= 4)
+    for (; m + 4 <= M; m += 4)
+      gemm_rows_f32<NV, 4>(mode, K, A + m * a_rs, a_rs, a_ks, B, ldb, C + m * ldc, ldc, row_scale ? row_scale + m : nullptr);
   for (; m < M; ++m)
     gemm_rows_f32<NV, 1>(mode, K, A + m * a_rs, a_rs, a_ks, B, ldb, C + m * ldc, ldc,
                          row_scale ? row_scale + m : nullptr);
