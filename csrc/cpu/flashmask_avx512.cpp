@@ -129,20 +129,28 @@ void pack_t(const FlashMaskParams& p, const void* src_, const int64_t* st, int d
   }
 }
 
-// Along the sequence: element (j / P, d, j % P) = x[j][d] (P = 2 only; fp32 uses pack_natural).
+// Along the sequence: word (j / 2, d) = (x[j][d], x[j + 1][d]) (bf16 only; fp32 uses pack_natural).
+// Two rows at a time, 16 columns per step: zero-extend each to 32 bits, second row in the high half.
 template <class E>
-void pack_rp(const FlashMaskParams& p, const void* src_, const int64_t* st, int heads, int dp, int s_pad,
-             std::vector<E>& dst) {
+ERNIE_AVX512_TARGET void pack_rp(const FlashMaskParams& p, const void* src_, const int64_t* st, int heads, int dp,
+                                 int s_pad, std::vector<E>& dst) {
+  static_assert(sizeof(E) == 2, "pair packing is for bf16");
   const int64_t head = int64_t(s_pad) * dp;
 #pragma omp for schedule(static) nowait
   for (int64_t bh = 0; bh < int64_t(p.B) * heads; ++bh) {
     const int b = int(bh / heads), h = int(bh % heads);
-    const E* src = static_cast<const E*>(src_) + b * st[0] + h * st[2];
-    E* out = dst.data() + bh * head;
-    for (int j = 0; j < p.S; ++j) {
-      const E* row = src + j * st[1];
-      E* o = out + int64_t(j / 2) * 2 * dp + (j & 1);
-      for (int d = 0; d < p.D; ++d) o[2 * d] = row[d];
+    const uint16_t* src = reinterpret_cast<const uint16_t*>(src_) + b * st[0] + h * st[2];
+    uint32_t* out = reinterpret_cast<uint32_t*>(dst.data() + bh * head);
+    for (int j = 0; j < p.S; j += 2) {
+      const uint16_t* r0 = src + j * st[1];
+      const uint16_t* r1 = j + 1 < p.S ? src + (j + 1) * st[1] : nullptr;
+      uint32_t* o = out + int64_t(j / 2) * dp;
+      for (int d = 0; d < p.D; d += 16) {
+        const __mmask16 m = p.D - d >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (p.D - d)) - 1);
+        const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r0 + d));
+        const __m512i hi = r1 ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r1 + d)) : _mm512_setzero_si512();
+        _mm512_mask_storeu_epi32(o + d, m, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+      }
     }
   }
 }
@@ -155,7 +163,7 @@ template <class E>
 void pack_seq(const FlashMaskParams& p, const void* src, const int64_t* st, int heads, const Packed<E>& pk,
               const E* natural, std::vector<E>& storage) {
   if (Elem<E>::P == 1 && natural) return;
-  if (Elem<E>::P == 1) {
+  if constexpr (Elem<E>::P == 1) {
     pack_natural(p, src, st, heads, pk.dp, pk.s_pad, storage);
   } else {
     pack_rp(p, src, st, heads, pk.dp, pk.s_pad, storage);
@@ -187,6 +195,24 @@ ERNIE_AVX512_TARGET inline void store16(E* dst, __m512 x) {
   } else {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), bf16k::cvt16(x));
   }
+}
+
+// 16 elements (masked tail) as fp32.
+ERNIE_AVX512_TARGET inline __m512 load16f(const float* x, __mmask16 m) { return _mm512_maskz_loadu_ps(m, x); }
+ERNIE_AVX512_TARGET inline __m512 load16f(const bf16* x, __mmask16 m) {
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, x));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+
+// sum_d a[d] b[d] in fp32.
+template <class T>
+ERNIE_AVX512_TARGET float row_dot(const T* a, const T* b, int n) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int d = 0; d < n; d += 16) {
+    const __mmask16 m = n - d >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - d)) - 1);
+    acc = _mm512_fmadd_ps(load16f(a + d, m), load16f(b + d, m), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
 }
 
 // ---- forward -------------------------------------------------------------------------------------
@@ -479,9 +505,7 @@ void bwd(const FlashMaskParams& p) {
       const int i = int(t % p.S), h = int((t / p.S) % p.Hq), b = int(t / (int64_t(p.S) * p.Hq));
       const T* o = static_cast<const T*>(p.out) + b * p.o_stride[0] + i * p.o_stride[1] + h * p.o_stride[2];
       const T* g = static_cast<const T*>(p.dout) + b * p.do_stride[0] + i * p.do_stride[1] + h * p.do_stride[2];
-      float acc = 0.f;
-      for (int d = 0; d < p.D; ++d) acc += to_float(o[d]) * to_float(g[d]);
-      delta[t] = acc - (p.dlse ? p.dlse[t] : 0.f);
+      delta[t] = row_dot(o, g, p.D) - (p.dlse ? p.dlse[t] : 0.f);
     }
     dq_acc[tid].assign(dq_size, 0.f);  // first touch by its own thread
     BwdScratch<E> w(pk.dp);
