@@ -50,12 +50,12 @@ def test_targets_shapes_init_and_freezing():
     mods = lora_modules(model)
     assert sorted({n.rpartition(".")[2] for n in mods}) == sorted(HF_TARGETS)
     assert len(mods) == 7 * 2 and sorted(spec.modules) == sorted(mods)
-    attn = model.model.layers[0].self_attn
+    attn = model.model.layers["0"].self_attn
     assert attn.q_proj.lora_A.shape == (4, 64) and attn.q_proj.lora_B.shape == (64, 4)
     assert attn.k_proj.lora_B.shape == (32, 4) and attn.o_proj.lora_A.shape == (4, 64)
     # one A for q|k|v and one for gate|up (ERNIEKit's fused adapters), separate B rows
     assert attn.k_proj.lora_A is attn.q_proj.lora_A and attn.v_proj.lora_A is attn.q_proj.lora_A
-    mlp = model.model.layers[0].mlp
+    mlp = model.model.layers["0"].mlp
     assert mlp.up_proj.lora_A is mlp.gate_proj.lora_A and mlp.down_proj.lora_A is not mlp.gate_proj.lora_A
     bound = 1 / math.sqrt(64)  # Kaiming-uniform a=sqrt(5) on fan_in 64
     assert attn.q_proj.lora_A.abs().max() <= bound and attn.q_proj.lora_A.std() > bound / 3
@@ -92,8 +92,8 @@ def test_rslora_changes_exactly_the_scale():
         assert a.scaling == pytest.approx(8 / 16) and b.scaling == pytest.approx(8 / 4), n
         torch.testing.assert_close(a.lora_A, b.lora_A)
         torch.testing.assert_close(a.lora_B, b.lora_B)
-    lin_p = plain.model.layers[0].self_attn.q_proj
-    lin_r = rs.model.layers[0].self_attn.q_proj
+    lin_p = plain.model.layers["0"].self_attn.q_proj
+    lin_r = rs.model.layers["0"].self_attn.q_proj
     x = torch.randn(3, 64)
     with torch.no_grad():
         up_p = lin_p(x) - nn.functional.linear(x, lin_p.weight)
@@ -140,7 +140,7 @@ def test_base_dtype_keeps_adapters_fp32():
     torch.manual_seed(0)
     model = ours_from(hf_model())
     apply_lora(model, rank=4, base_dtype=torch.bfloat16)
-    q = model.model.layers[0].self_attn.q_proj
+    q = model.model.layers["0"].self_attn.q_proj
     assert q.weight.dtype == torch.bfloat16 and model.model.norm.weight.dtype == torch.bfloat16
     assert q.lora_A.dtype == torch.float32 and q.lora_B.dtype == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -196,7 +196,7 @@ def test_peft_parity_peft_to_ours(tmp_path):
     pm.save_pretrained(tmp_path / "adapter")
     apply_lora(ours, rank=4, alpha=8)
     load_adapter(ours, tmp_path / "adapter")
-    attn = ours.model.layers[0].self_attn
+    attn = ours.model.layers["0"].self_attn
     assert attn.k_proj.lora_A is not attn.q_proj.lora_A  # per-projection A's could not stay shared
     assert_close(logits(ours), logits(pm), 1e-4, "ernie_core vs PEFT")
     # a round trip through our writer keeps the function
@@ -259,7 +259,7 @@ def test_shared_a_input_cache_keeps_values_and_gradients():
     for n in plain:
         assert_close(cached[n], plain[n], 1e-6, n)
     x = torch.randn(3, 64)
-    q = model.model.layers[0].self_attn.q_proj
+    q = model.model.layers["0"].self_attn.q_proj
     before = q(x).detach()
     with torch.no_grad():
         q.lora_A.add_(1.0)  # an updated A must not reuse the old product

@@ -139,7 +139,7 @@ def paddle_lora_state(model, prefix="ernie.") -> dict[str, torch.Tensor]:
     """Our (shared-A) adapters as ERNIEKit keys them: one adapter on the fused q|k|v and gate|up
     weights, lora_A [in, r], lora_B [r, out] (Paddle layout), columns q|k|v and gate|up."""
     out = {}
-    for i, layer in enumerate(model.model.layers):
+    for i, layer in enumerate(model.model.layers.values()):
         a, m = layer.self_attn, layer.mlp
         assert a.k_proj.lora_A is a.q_proj.lora_A and m.up_proj.lora_A is m.gate_proj.lora_A
         groups = {"self_attn.qkv_proj": [a.q_proj, a.k_proj, a.v_proj], "self_attn.o_proj": [a.o_proj],
@@ -217,7 +217,7 @@ def test_erniekit_adapter_loads_via_lora_path_and_from_pretrained(base_dir, tmp_
     ek = write_erniekit_adapter(tmp_path / kind, ref, kind, alpha=16, rslora=True, base=str(base_dir),
                                 prefix="model." if kind == "single" else "ernie.")
     loaded = setup_from(base_dir, ek, alpha=16, rslora=True)
-    attn = loaded.model.layers[1].self_attn
+    attn = loaded.model.layers["1"].self_attn
     assert attn.k_proj.lora_A is attn.q_proj.lora_A  # the fused adapter's one A stays shared
     assert_close(logits(loaded), want, 1e-6, f"lora_path {kind} vs the same adapter applied directly")
     assert_close(logits(Ernie4_5ForCausalLM.from_pretrained(ek)), want, 1e-4, f"from_pretrained({kind})")

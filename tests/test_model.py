@@ -101,7 +101,7 @@ def test_logits_and_loss_match_transformers(tie):
 def test_fresh_init_std_and_tying():
     torch.manual_seed(0)
     model = Ernie4_5ForCausalLM(tiny_config(hidden_size=256, head_dim=64))
-    std = model.model.layers[0].mlp.up_proj.weight.std().item()
+    std = model.model.layers["0"].mlp.up_proj.weight.std().item()
     assert abs(std - (0.3333 / 256) ** 0.5) < 0.003
     assert model.lm_head.weight is model.model.embed_tokens.weight
     untied = Ernie4_5ForCausalLM(tiny_config(tie_word_embeddings=False))
@@ -215,7 +215,7 @@ def test_recompute_with_frozen_embedding_still_trains_the_layers():
     model.model.embed_tokens.weight.requires_grad_(False)
     ids = torch.randint(0, 128, (1, 8))
     model(ids, labels=ids).loss.backward()
-    assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
+    assert model.model.layers["0"].self_attn.q_proj.weight.grad is not None
 
 
 def test_bad_recompute_granularity_is_a_user_error():
@@ -227,8 +227,8 @@ def test_bad_recompute_granularity_is_a_user_error():
 def test_set_dropout_scales_per_layer_and_zero_is_deterministic():
     model = Ernie4_5ForCausalLM(tiny_config(num_hidden_layers=4)).train()
     model.set_dropout(0.4, 0.2)
-    assert [l.hidden_dropout_p for l in model.model.layers] == pytest.approx([0.0, 0.1, 0.2, 0.3])
-    assert [l.self_attn.dropout_p for l in model.model.layers] == pytest.approx([0.0, 0.05, 0.1, 0.15])
+    assert [l.hidden_dropout_p for l in model.model.layers.values()] == pytest.approx([0.0, 0.1, 0.2, 0.3])
+    assert [l.self_attn.dropout_p for l in model.model.layers.values()] == pytest.approx([0.0, 0.05, 0.1, 0.15])
     ids = torch.randint(0, 128, (2, 12))
     assert max_diff(model(ids).logits, model(ids).logits) > 0  # dropout is on in train mode
     model.eval()

@@ -236,7 +236,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: h = x + drop(attn(norm(x))); y = h + drop(mlp(norm(h)))."""
+    """Pre-norm block: h = x + drop(attn(norm(x))); y = h + drop(mlp(norm(h))).
+
+    `build_mlp` is the one place the feed-forward block is chosen: a subclass (e.g. a mixture of
+    experts on some layers) overrides it per layer index and keeps the rest of the block."""
 
     def __init__(self, cfg: Ernie4_5Config, runtime: RuntimeOptions, layer_idx: int):
         super().__init__()
@@ -246,7 +249,14 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, runtime)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg, runtime)
+        self.mlp = self.build_mlp(cfg, runtime, layer_idx)
+
+    def build_mlp(self, cfg: Ernie4_5Config, runtime: RuntimeOptions, layer_idx: int) -> nn.Module:
+        return MLP(cfg, runtime)
+
+    def set_dropout(self, hidden_p: float, attn_p: float) -> None:
+        self.hidden_dropout_p = float(hidden_p)
+        self.self_attn.dropout_p = float(attn_p)
 
     def attention_block(self, x, inputs: AttentionInputs):
         return self.self_attn(self.input_layernorm(x), inputs)
@@ -266,41 +276,57 @@ class DecoderLayer(nn.Module):
 
 
 class Ernie4_5Model(nn.Module):
-    """Embedding, decoder layers, final RMSNorm: input_ids [B,S] -> hidden [B,S,H]."""
+    """Embedding, decoder layers, final RMSNorm: input_ids [B,S] -> hidden [B,S,H].
+
+    The layers live in an `nn.ModuleDict` keyed by their index ("0", "1", ...), so parameter names
+    are Hugging Face's (`layers.7.mlp.up_proj.weight`) and a pipeline stage is this module with the
+    pieces it does not own removed: layers deleted from the dict, `embed_tokens` or `norm` set to
+    None. forward then takes the previous stage's hidden state [B,S,H] instead of token ids and
+    returns the hidden state before the final norm."""
+
+    layer_cls = DecoderLayer  # a subclass model swaps in its own block here
 
     def __init__(self, cfg: Ernie4_5Config, runtime: RuntimeOptions):
         super().__init__()
         self.runtime = runtime
         # No padding_idx: id 0 (<unk>/pad) may be a real input token and must keep its gradient.
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, runtime, i) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleDict({str(i): self.layer_cls(cfg, runtime, i) for i in range(cfg.num_hidden_layers)})
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids, position_ids=None, attn_mask_startend_row_indices=None):
-        """input_ids [B,S] int64; position_ids [B,S] (default 0..S-1); indices int32 [B,1|Hkv,S,n]
-        (FlashMask, ernie_reference §5.3; default plain causal). Returns hidden [B,S,H], final norm applied."""
-        inputs = build_attention_inputs(self.runtime.attention_mode, input_ids, position_ids,
+        """input_ids [B,S] int64 (or, without an embedding, the hidden state [B,S,H]); position_ids [B,S]
+        (default 0..S-1); indices int32 [B,1|Hkv,S,n] (FlashMask start/end rows per column; default
+        plain causal). Returns hidden [B,S,H], the final norm applied when this module has it."""
+        if self.embed_tokens is not None:
+            x = self.embed_tokens(input_ids)
+            shape_of = input_ids
+        else:  # a later pipeline stage: under sequence parallelism x holds only this rank's tokens
+            x = input_ids
+            shape_of = position_ids if position_ids is not None else x[..., 0]
+        inputs = build_attention_inputs(self.runtime.attention_mode, shape_of, position_ids,
                                         attn_mask_startend_row_indices)
-        x = self.embed_tokens(input_ids)
         full = self.runtime.recomputes("full") and self.training
-        for layer in self.layers:
+        for layer in self.layers.values():
             if full:
                 x = _checkpoint(layer, x, inputs, reentrant=self.runtime.recompute_use_reentrant)
             else:
                 x = layer(x, inputs)
-        return self.norm(x)
+        return self.norm(x) if self.norm is not None else x
 
 
 class Ernie4_5ForCausalLM(nn.Module):
     """ERNIE 4.5 dense causal LM. `Ernie4_5ForCausalLM(cfg, **runtime)` gives fresh weights with
     std sqrt(0.3333/H) (§1.1); `from_pretrained(dir, dtype=None, **runtime)` loads a checkpoint."""
 
+    model_cls = Ernie4_5Model  # a subclass model swaps in its own decoder here
+
     def __init__(self, config: Ernie4_5Config, **runtime):
         super().__init__()
         config.validate_dense()
         self.config = config
         self.runtime = RuntimeOptions(**runtime)
-        self.model = Ernie4_5Model(config, self.runtime)
+        self.model = self.model_cls(config, self.runtime)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         if not _on_meta(self):
@@ -308,7 +334,7 @@ class Ernie4_5ForCausalLM(nn.Module):
 
     def tie_weights(self) -> None:
         """With tie_word_embeddings the LM head and the embedding are one Parameter."""
-        if self.config.tie_word_embeddings:
+        if self.config.tie_word_embeddings and self.lm_head is not None and self.model.embed_tokens is not None:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     @torch.no_grad()
@@ -324,12 +350,17 @@ class Ernie4_5ForCausalLM(nn.Module):
 
     # ---- forward -----------------------------------------------------------------------------
     def forward(self, input_ids, position_ids=None, attn_mask_startend_row_indices=None, labels=None):
-        """input_ids [B,S]; labels [B,S] aligned to positions (-100 = no loss). Returns CausalLMOutput."""
+        """input_ids [B,S]; labels [B,S] aligned to positions (-100 = no loss). Returns CausalLMOutput.
+
+        A pipeline stage without the LM head (`lm_head` None) returns its hidden state [B,S,H] for
+        the next stage instead; one without the embedding takes that hidden state as input_ids."""
         hidden = self.model(input_ids, position_ids, attn_mask_startend_row_indices)
+        if self.lm_head is None:
+            return hidden
         if labels is None:
             return CausalLMOutput(logits=self.lm_head(hidden))
-        if labels.shape != input_ids.shape:
-            raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
+        if labels.shape != hidden.shape[:-1]:
+            raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(hidden.shape[:-1])}")
         return self.head_and_loss(hidden, labels)
 
     def head_and_loss(self, hidden, labels) -> CausalLMOutput:
@@ -357,12 +388,12 @@ class Ernie4_5ForCausalLM(nn.Module):
 
     # ---- training helpers ----------------------------------------------------------------------
     def set_dropout(self, hidden_p: float, attn_p: float) -> None:
-        """Dropout rates for this step; layer l uses p * l / L, so layer 0 never drops (§12.4)."""
-        L = len(self.model.layers)
-        for layer in self.model.layers:
+        """Dropout rates for this step; layer l of L uses p * l / L, so layer 0 never drops (ERNIE's
+        progressive dropout). L counts all layers of the model, also on a pipeline stage holding a few."""
+        L = self.config.num_hidden_layers
+        for layer in self.model.layers.values():
             scale = layer.layer_idx / L
-            layer.hidden_dropout_p = float(hidden_p) * scale
-            layer.self_attn.dropout_p = float(attn_p) * scale
+            layer.set_dropout(float(hidden_p) * scale, float(attn_p) * scale)
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int = 32, eos_token_id=None) -> list[int]:

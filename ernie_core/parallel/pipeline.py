@@ -177,7 +177,7 @@ def split_model(full, pp_rank: int, pp: int, bounds: list[tuple[int, int]]) -> P
     chunks = []
     for s in stage_ids:
         start, end = bounds[s]
-        layers = nn.ModuleDict({str(i): full.model.layers[i] if i < len(full.model.layers) else EmptyLayer(i)
+        layers = nn.ModuleDict({str(i): full.model.layers[str(i)] if str(i) in full.model.layers else EmptyLayer(i)
                                 for i in range(start, end)})
         first, last = s == 0, s == num_stages - 1
         lm_head = None

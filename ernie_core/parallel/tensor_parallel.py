@@ -68,7 +68,7 @@ def apply_tp(model: nn.Module, tp_mesh, *, sequence_parallel: bool, tensor_paral
     # (reduce-scattered over the sequence under SP).
     parallelize_module(model.model.embed_tokens, tp_mesh,
                        RowwiseParallel(input_layouts=Replicate(), output_layouts=between_blocks))
-    for layer in model.model.layers:
+    for layer in model.model.layers.values():
         plan = {
             "self_attn.q_proj": ColwiseParallel(),
             "self_attn.k_proj": ColwiseParallel(),
@@ -105,7 +105,7 @@ def apply_tp(model: nn.Module, tp_mesh, *, sequence_parallel: bool, tensor_paral
 def _check_plain_linears(model) -> None:
     """The plans split nn.Linear / nn.Embedding weights; adapters or quantized layers need their own plans."""
     targets = [("model.embed_tokens", model.model.embed_tokens, nn.Embedding), ("lm_head", model.lm_head, nn.Linear)]
-    for i, layer in enumerate(model.model.layers):
+    for i, layer in model.model.layers.items():
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             targets.append((f"model.layers.{i}.self_attn.{name}", getattr(layer.self_attn, name, None), nn.Linear))
         for name in ("gate_proj", "up_proj", "down_proj"):
