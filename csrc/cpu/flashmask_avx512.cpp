@@ -72,6 +72,10 @@ struct Elem<float> {
   using T = float;
 };
 
+// Every function of this path is compiled for AVX512-BF16 (a superset of what the fp32 instantiation
+// needs): GCC emits AVX512-BF16 instructions only for the bf16 intrinsics (or __bf16 arithmetic,
+// not used here), which only the bf16 instantiation contains, so the fp32 path runs on any
+// AVX-512F CPU (flashmask_avx512_usable checks exactly that per dtype).
 #define ERNIE_AVX512_TARGET ERNIE_BF16_TARGET
 
 template <class E>
