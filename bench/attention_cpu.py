@@ -40,6 +40,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The checkout this script belongs to, ahead of any installed ernie_core (else `python bench/...`
+# from a second worktree would time the installed package's kernels).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import _harness  # noqa: E402
 
 from ernie_core.ops import _backend, flashmask_attention  # noqa: E402
