@@ -514,7 +514,9 @@ void bwd(const FlashMaskParams& p) {
     dq_acc[tid].assign(dq_size, 0.f);  // first touch by its own thread
     BwdScratch<E> w(pk.dp);
 #pragma omp barrier
-#pragma omp for schedule(dynamic, 1)
+    // Static round-robin over the largest-first order (not dynamic): which thread's dQ buffer a
+    // unit adds to must not depend on timing, so that dQ is bitwise reproducible.
+#pragma omp for schedule(static, 1)
     for (int64_t i = 0; i < tasks; ++i) {
       const int64_t t = order[i];
       const int cb = int(t % ncb), hk = int((t / ncb) % p.Hkv), b = int(t / (int64_t(ncb) * p.Hkv));
