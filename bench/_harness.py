@@ -131,3 +131,40 @@ def write_results(name: str, rows: list[dict], columns: list[str] | None = None,
     path.write_text(json.dumps({"benchmark": name, "env": env, "rows": rows, **(extra or {})}, indent=2))
     print(f"wrote {path}")
     return path
+
+
+def measure_interleaved(fns: dict[str, Callable[[], object]], warmup: int = 1, repeats: int = 5) -> dict[str, dict]:
+    """Time several callables round-robin (a, b, c, a, b, c, ...) so that load on a shared machine
+    hits them alike. Per callable: median/p20/p80 wall seconds and the median process CPU seconds
+    (all threads; on a loaded box the CPU time is the steadier measure of the work done)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    wall = {name: [] for name in fns}
+    cpu = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn()
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    out = {}
+    for name in fns:
+        times = sorted(wall[name])
+        out[name] = {
+            "median_s": statistics.median(times),
+            "p20_s": times[int(0.2 * (len(times) - 1))],
+            "p80_s": times[int(round(0.8 * (len(times) - 1)))],
+            "cpu_s": statistics.median(cpu[name]),
+            "repeats": repeats,
+        }
+    return out
+
+
+def matmul_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 3) -> dict:
+    """torch.matmul rate at n^3 in this process now: wall GFLOP/s (all threads) and per CPU second."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    row = measure_interleaved({"mm": lambda: torch.matmul(a, b)}, warmup=1, repeats=repeats)["mm"]
+    flops = 2.0 * n**3
+    return {"dtype": str(dtype).replace("torch.", ""), "n": n, "gflops": flops / row["median_s"] / 1e9,
+            "gflops_per_cpu_s": flops / row["cpu_s"] / 1e9}

@@ -2,10 +2,25 @@
 
 Both models get the same weights and the same packed batch: documents of random lengths packed into
 rows (the last one cut to fill the row), position ids restarting per document, SFT-style labels
-(the first `--prompt-frac` of each document is prompt, label -100). ernie_core reads FlashMask
-start-row indices; transformers gets the equivalent 4D block-causal bool mask and labels shifted by
-one (it shifts internally; ours are aligned to positions). Their fp32 losses are checked to agree
-before anything is timed.
+(the first `--prompt-frac` of each document is prompt, label -100). Four implementations (--impls):
+  ernie_core            FlashMask start-row indices of the document mask (what a user runs);
+  transformers          the equivalent 4D block-causal bool mask: SDPA's slow masked (math) path;
+  transformers_causal   no mask: plain causal attention over the whole row, SDPA's flash kernel,
+                        transformers' fastest path (more attention work and attention across
+                        document boundaries: a different loss, so it is not loss-checked);
+  ernie_core_causal     ours with no indices (plain causal): the same work as transformers_causal.
+Labels for transformers are shifted by one (it shifts internally; ours are aligned to positions).
+The fp32 losses of ernie_core and transformers (same mask) are checked to agree before anything is
+timed. `speed_vs_transformers` compares rows with the same attention work (document mask with
+document mask, causal with causal); `speed_vs_transformers_causal` compares ours with the
+document mask against transformers at its fastest.
+
+MFU: model FLOPs per step / step time / the torch.matmul rate (2048^3, bf16 and fp32) measured in
+this run. Model FLOPs are those of the dense model on the mask's visible pairs, whatever an
+implementation skips: 6 x tokens x (decoder matmul weights + LM head) + 12 x layers x heads x
+head_dim x visible (query, key) pairs. `mfu_bf16` / `mfu_fp32` use wall time and both cores; the
+per-CPU-second variants (`cpu_mfu_*`) divide by process CPU time and the matmul rate per CPU second,
+steadier on a shared machine.
 
 One step = forward + backward + AdamW step. Each (model, dtype, seq) runs in a spawned child, so its
 peak RSS is its own (RSS peaks never go down within a process): `peak_rss_mib` is the child's peak,
@@ -18,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import random
 import statistics
 import sys
@@ -60,7 +76,7 @@ def packed_batch(B: int, S: int, vocab: int, min_doc: int, max_doc: int, prompt_
     pos = torch.zeros(B, S, dtype=torch.long)
     start_row = torch.zeros(B, S, dtype=torch.int32)
     allowed = torch.zeros(B, 1, S, S, dtype=torch.bool)
-    docs = 0
+    docs, doc_pairs = 0, 0
     for b in range(B):
         off = 0
         while off < S:
@@ -71,15 +87,16 @@ def packed_batch(B: int, S: int, vocab: int, min_doc: int, max_doc: int, prompt_
             labels[b, off:off + int(n * prompt_frac)] = -100
             off += n
             docs += 1
+            doc_pairs += n * (n + 1) // 2
     labels[:, -1] = -100  # transformers' shift cannot express a target for the last position
     hf_labels = torch.full_like(labels, -100)
     hf_labels[:, 1:] = labels[:, :-1]
     return dict(input_ids=ids, position_ids=pos, indices=start_row.view(B, 1, S, 1), labels=labels,
-                hf_mask=allowed, hf_labels=hf_labels, docs=docs)
+                hf_mask=allowed, hf_labels=hf_labels, docs=docs, doc_pairs=doc_pairs)
 
 
 def build(kind: str, args, state: dict):
-    if kind == "transformers":
+    if kind.startswith("transformers"):
         import transformers
 
         cfg = transformers.Ernie4_5Config(**model_kwargs(args))
@@ -92,10 +109,23 @@ def build(kind: str, args, state: dict):
 
 
 def loss_fn(kind: str, model, batch: dict) -> torch.Tensor:
-    if kind == "transformers":
-        return model(input_ids=batch["input_ids"], attention_mask=batch["hf_mask"],
+    if kind.startswith("transformers"):
+        mask = batch["hf_mask"] if kind == "transformers" else None  # None: SDPA is_causal
+        return model(input_ids=batch["input_ids"], attention_mask=mask,
                      position_ids=batch["position_ids"], labels=batch["hf_labels"]).loss
-    return model(batch["input_ids"], batch["position_ids"], batch["indices"], labels=batch["labels"]).loss
+    indices = batch["indices"] if kind == "ernie_core" else None  # None: plain causal
+    return model(batch["input_ids"], batch["position_ids"], indices, labels=batch["labels"]).loss
+
+
+def model_flops(args, batch: dict, causal: bool) -> float:
+    """Training FLOPs of one step of the dense model (see the module docstring)."""
+    h, L, hd = args.hidden, args.layers, args.head_dim
+    attn_w = h * (args.heads + 2 * args.kv_heads) * hd + args.heads * hd * h
+    mlp_w = 3 * h * args.intermediate
+    tokens = batch["input_ids"].numel()
+    B, S = batch["input_ids"].shape
+    visible = B * S * (S + 1) // 2 if causal else int(batch["doc_pairs"])
+    return 6.0 * tokens * (L * (attn_w + mlp_w) + h * args.vocab) + 12.0 * L * args.heads * hd * visible
 
 
 def check_losses_agree(args, state: dict, batch: dict) -> tuple[float, float]:
@@ -177,7 +207,9 @@ def parse_args(argv=None):
     p.add_argument("--prompt-frac", type=float, default=0.3, help="share of each document with label -100")
     p.add_argument("--ours", default="use_sparse_head_and_loss_fn=1,fuse_linear=1,fuse_rope=1",
                    help="ernie_core runtime flags, e.g. 'use_sparse_flash_attn=0,fuse_linear=1'")
-    p.add_argument("--impls", default="transformers,ernie_core")
+    p.add_argument("--impls", default="transformers_causal,ernie_core,transformers,ernie_core_causal")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="alternate the implementations this many times (a fresh child each), median of rounds")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -193,6 +225,8 @@ def main(argv=None) -> None:
     n_params = sum(p.numel() for p in reference.parameters())
     del reference
     print(f"model: {n_params / 1e6:.1f}M params; ernie_core runtime: {ours_runtime(args.ours)}", flush=True)
+    mm = {name: _harness.matmul_gflops(dt) for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32))}
+    print("matmul 2048^3 now:", {k: f"{v['gflops']:.0f} GFLOP/s" for k, v in mm.items()}, flush=True)
     rows, checks = [], {}
     for S in (int(s) for s in args.seq_lens.split(",")):
         batch = packed_batch(args.batch, S, args.vocab, args.min_doc, args.max_doc, args.prompt_frac, args.seed + S)
@@ -200,22 +234,45 @@ def main(argv=None) -> None:
         print(f"seq {S}: {batch['docs']} docs in {args.batch} row(s); fp32 loss transformers {checks[S][0]:.6f} "
               f"ernie_core {checks[S][1]:.6f}", flush=True)
         for dtype_name in args.dtypes.split(","):
+            kinds = args.impls.split(",")
+            runs = {kind: [] for kind in kinds}
+            for _ in range(args.rounds):  # ours and theirs alternate, so load drifts hit both
+                for kind in kinds:
+                    runs[kind].append(in_child(run_one, args.threads, kind, dtype_name, args, state, batch))
             pair = {}
-            for kind in args.impls.split(","):
-                pair[kind] = in_child(run_one, args.threads, kind, dtype_name, args, state, batch)
-                rows.append(pair[kind])
-                print(f"  {kind:12s} {dtype_name} seq {S}: {pair[kind]['tokens_per_s']:.0f} tok/s, "
-                      f"peak RSS {pair[kind]['peak_rss_mib']:.0f} MiB", flush=True)
-            if len(pair) == 2:
-                ours, theirs = pair["ernie_core"], pair["transformers"]
-                ours["speed_vs_transformers"] = ours["tokens_per_s"] / theirs["tokens_per_s"]
-                ours["cpu_time_ratio"] = theirs["cpu_s"] / ours["cpu_s"]
-                ours["extra_rss_vs_transformers"] = ours["extra_rss_mib"] / max(theirs["extra_rss_mib"], 1e-9)
-    columns = ["impl", "dtype", "seq", "tokens_per_s", "median_s", "p20_s", "p80_s", "cpu_s", "peak_rss_mib",
-               "extra_rss_mib", "speed_vs_transformers", "cpu_time_ratio", "extra_rss_vs_transformers"]
+            for kind in kinds:
+                row = min(runs[kind], key=lambda r: r["median_s"]) if args.rounds > 1 else runs[kind][0]
+                if args.rounds > 1:
+                    row["median_s"] = statistics.median(r["median_s"] for r in runs[kind])
+                    row["cpu_s"] = statistics.median(r["cpu_s"] for r in runs[kind])
+                    row["tokens_per_s"] = batch["input_ids"].numel() / row["median_s"]
+                flops = model_flops(args, batch, causal=kind.endswith("_causal"))
+                row["model_tflop_per_step"] = flops / 1e12
+                for mm_dtype, rate in mm.items():
+                    row[f"mfu_{mm_dtype}"] = flops / row["median_s"] / 1e9 / rate["gflops"]
+                    row[f"cpu_mfu_{mm_dtype}"] = flops / row["cpu_s"] / 1e9 / rate["gflops_per_cpu_s"]
+                pair[kind] = row
+                rows.append(row)
+                print(f"  {kind:20s} {dtype_name} seq {S}: {row['tokens_per_s']:.0f} tok/s, "
+                      f"MFU {100 * row['mfu_bf16']:.0f}% of bf16 / {100 * row['mfu_fp32']:.0f}% of fp32 matmul, "
+                      f"peak RSS {row['peak_rss_mib']:.0f} MiB", flush=True)
+            for ours, theirs in (("ernie_core", "transformers"), ("ernie_core_causal", "transformers_causal")):
+                if ours in pair and theirs in pair:
+                    a, b = pair[ours], pair[theirs]
+                    a["speed_vs_transformers"] = a["tokens_per_s"] / b["tokens_per_s"]
+                    a["cpu_time_ratio"] = b["cpu_s"] / a["cpu_s"]
+                    a["extra_rss_vs_transformers"] = a["extra_rss_mib"] / max(b["extra_rss_mib"], 1e-9)
+            if "ernie_core" in pair and "transformers_causal" in pair:
+                a, b = pair["ernie_core"], pair["transformers_causal"]
+                a["speed_vs_transformers_causal"] = a["tokens_per_s"] / b["tokens_per_s"]
+                a["cpu_time_ratio_vs_transformers_causal"] = b["cpu_s"] / a["cpu_s"]
+    columns = ["impl", "dtype", "seq", "tokens_per_s", "median_s", "cpu_s", "mfu_bf16", "mfu_fp32", "cpu_mfu_bf16",
+               "cpu_mfu_fp32", "peak_rss_mib", "speed_vs_transformers", "cpu_time_ratio",
+               "speed_vs_transformers_causal", "cpu_time_ratio_vs_transformers_causal"]
     extra = dict(params=n_params, config=model_kwargs(args), ours_runtime=ours_runtime(args.ours),
                  batch=args.batch, prompt_frac=args.prompt_frac, doc_lengths=[args.min_doc, args.max_doc],
-                 fp32_loss_check={str(k): v for k, v in checks.items()})
+                 fp32_loss_check={str(k): v for k, v in checks.items()}, matmul=mm,
+                 load_avg_at_end=os.getloadavg())
     _harness.write_results("train_throughput", rows, columns, extra)
 
 

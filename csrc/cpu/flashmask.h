@@ -45,6 +45,13 @@ const char* flashmask_check(const FlashMaskParams& p);
 void flashmask_fwd(const FlashMaskParams& p);
 void flashmask_bwd(const FlashMaskParams& p);
 
+// The AVX-512 path (flashmask_avx512.cpp): bf16 tensors in bf16 arithmetic (needs AVX512-BF16),
+// fp32 tensors in fp32 (needs AVX-512F); flashmask_fwd/bwd dispatch to it when the running CPU
+// has the instructions and ERNIE_CORE_FLASHMASK_PORTABLE=1 is not set.
+bool flashmask_avx512_usable(DType dtype);
+void flashmask_fwd_avx512(const FlashMaskParams& p);
+void flashmask_bwd_avx512(const FlashMaskParams& p);
+
 // ---- shared by forward and backward -----------------------------------------------------------
 
 constexpr int kBlockM = 64;  // query rows per tile

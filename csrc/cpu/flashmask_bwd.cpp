@@ -168,6 +168,7 @@ void dq_task(const FlashMaskParams& p, const ColumnMask& cm, const TransposedKV&
 }  // namespace
 
 void flashmask_bwd(const FlashMaskParams& p) {
+  if (flashmask_avx512_usable(p.dtype)) return flashmask_bwd_avx512(p);
   const ColumnMask cm(p);
   const TransposedKV kv(p);
   const int nrb = (p.S + kBlockM - 1) / kBlockM, ncb = cm.num_col_blocks();

@@ -102,6 +102,7 @@ void fwd_task(const FlashMaskParams& p, const ColumnMask& cm, const TransposedKV
 }  // namespace
 
 void flashmask_fwd(const FlashMaskParams& p) {
+  if (flashmask_avx512_usable(p.dtype)) return flashmask_fwd_avx512(p);
   const ColumnMask cm(p);
   const TransposedKV kv(p);
   const Dropout drop(p);
