@@ -83,7 +83,7 @@ def argv(out: Path, *extra: str) -> list[str]:
 def reference_facts(trainer) -> dict:
     """How this rank holds the DPO reference, read at the end of training (before the final save)."""
     from ernie_core.parallel.reference import reshard
-    from ernie_core.parallel.tensor_parallel import _local
+    from ernie_core.parallel.dtensor import local_tensor as _local
 
     model, obj = trainer.model, trainer.objective
     reshard(model)  # the sharded parameters are the registered ones
